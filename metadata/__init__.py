@@ -1,0 +1,1 @@
+"""Persistent-data library and on-disk metadata formats (installed as pydm.metadata)."""

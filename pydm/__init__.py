@@ -1,0 +1,3 @@
+"""pydm: a userspace device-mapper with an NBD server."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from pydm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""The ``pydm`` command: one argparse front end, one module per command group.
+
+Each group module (``serve``, ``dm``, ``era``) exposes ``register(subparsers)``
+which adds its parser(s) and sets ``func`` on each leaf; ``func(args)`` returns
+an exit status.  A ``PydmError`` anywhere below becomes one line on stderr and
+exit status 1: users never see a traceback for their own mistakes.
+"""
+
+import argparse
+import importlib
+import sys
+
+from pydm import __version__
+from pydm.errors import PydmError
+
+GROUPS = ("serve", "dm", "era")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pydm",
+        description="pydm: a userspace device-mapper served over NBD.",
+    )
+    parser.add_argument("--version", action="version", version=f"pydm {__version__}")
+    sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+    for name in GROUPS:
+        importlib.import_module(f"pydm.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except PydmError as e:
+        print(f"pydm: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return rc or 0

@@ -1,0 +1,6 @@
+"""`pydm dm` commands (placeholder until implemented)."""
+
+
+def register(sub):
+    p = sub.add_parser("dm", help="dm commands (not yet implemented)")
+    p.set_defaults(func=lambda args: p.error("not implemented yet"))

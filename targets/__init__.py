@@ -1,0 +1,1 @@
+"""Built-in target plugins (installed as pydm.targets)."""
