@@ -1,0 +1,308 @@
+"""Block stores: the only place where data meets file descriptors.
+
+Rules of this module: a store is a flat array of bytes with a size.  It offers
+two faces over the same calls:
+
+* a byte face for metadata code and tools: ``read_at``, ``readinto_at``,
+  ``write_at``, ``flush``, ``discard``, ``write_zeroes``, ``extents``; these
+  raise ``OSError`` on failure;
+* a bio face for the router: ``submit(bio)`` runs the bio synchronously and
+  completes it with 0 or the errno of the failure (never raises).
+
+Stores never take locks on the I/O path: pread/pwrite at explicit offsets are
+safe to run from many threads, and they release the GIL while they block.
+``StorePool`` shares one open store per file among all tables that use it.
+"""
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+import threading
+
+from pydm import bio as _bio
+from pydm.errors import PydmError, strerror
+
+# Extent flags, shared with NBD base:allocation (same bit values).
+EXTENT_HOLE = 1
+EXTENT_ZERO = 2
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fallocate.restype = ctypes.c_int
+
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+def _fallocate_or_raise(fd, mode, offset, length):
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, strerror(err))
+
+
+class Store:
+    """Interface shared by file and memory stores."""
+
+    name = "?"            # canonical name printed back in tables
+    size = 0              # bytes
+    readonly = False
+    supports_discard = True
+    supports_write_zeroes = True
+
+    # -- byte face -----------------------------------------------------
+    def readinto_at(self, buf, offset: int) -> None:
+        raise NotImplementedError
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto_at(buf, offset)
+        return bytes(buf)
+
+    def write_at(self, offset: int, data) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        pass
+
+    def discard(self, offset: int, length: int) -> None:
+        self.write_zeroes(offset, length)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(end - pos, len(_ZERO_CHUNK))
+            self.write_at(pos, memoryview(_ZERO_CHUNK)[:n])
+            pos += n
+
+    def extents(self, offset: int, length: int):
+        """[(length, flags)] covering at least the first byte of the range."""
+        return [(length, 0)]
+
+    def close(self) -> None:
+        pass
+
+    # -- bio face ------------------------------------------------------
+    def submit(self, bio) -> None:
+        try:
+            op = bio.op
+            if op == _bio.READ:
+                self.readinto_at(bio.data, bio.sector << 9)
+            elif op == _bio.WRITE:
+                self._check_writable()
+                self.write_at(bio.sector << 9, bio.data)
+                if bio.flags & _bio.REQ_FUA:
+                    self.flush()
+            elif op == _bio.FLUSH:
+                if not self.readonly:
+                    self.flush()
+            elif op == _bio.DISCARD:
+                self._check_writable()
+                self.discard(bio.sector << 9, bio.nr_sectors << 9)
+            elif op == _bio.WRITE_ZEROES:
+                self._check_writable()
+                self.write_zeroes(bio.sector << 9, bio.nr_sectors << 9,
+                                  not bio.flags & _bio.REQ_NOUNMAP)
+                if bio.flags & _bio.REQ_FUA:
+                    self.flush()
+            else:
+                raise OSError(errno.EOPNOTSUPP, "unknown operation")
+        except OSError as e:
+            bio.complete(e.errno or errno.EIO)
+            return
+        bio.complete(0)
+
+    def _check_writable(self):
+        if self.readonly:
+            raise OSError(errno.EROFS, strerror(errno.EROFS))
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name} {self.size} bytes>"
+
+
+class FileStore(Store):
+    """A plain or sparse image file (or a block device node)."""
+
+    def __init__(self, path: str, readonly: bool = False):
+        self.path = os.path.abspath(path)
+        self.name = self.path
+        self.readonly = readonly
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            self.fd = os.open(self.path, flags)
+        except OSError as e:
+            mode = "read-only" if readonly else "read-write"
+            raise PydmError(f"cannot open {path} {mode}: {strerror(e.errno)}",
+                            e.errno) from None
+        st = os.fstat(self.fd)
+        self.is_file = stat.S_ISREG(st.st_mode)
+        if not (self.is_file or stat.S_ISBLK(st.st_mode)):
+            os.close(self.fd)
+            raise PydmError(f"{path}: not a regular file or block device", errno.EINVAL)
+        self.key = (st.st_dev, st.st_ino)
+        self.refresh_size()
+
+    def refresh_size(self) -> int:
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        return self.size
+
+    def readinto_at(self, buf, offset):
+        fd = self.fd
+        want = len(buf)
+        got = os.preadv(fd, [buf], offset)
+        while got < want:
+            mv = memoryview(buf)[got:]
+            n = os.preadv(fd, [mv], offset + got)
+            if n == 0:
+                # Past the end of a file that shrank under us: reads as zeroes,
+                # like a hole, rather than returning stale buffer contents.
+                mv[:] = bytes(len(mv))
+                return
+            got += n
+
+    def write_at(self, offset, data):
+        fd = self.fd
+        n = os.pwrite(fd, data, offset)
+        want = len(data)
+        while n < want:
+            n += os.pwrite(fd, memoryview(data)[n:], offset + n)
+
+    def flush(self):
+        os.fdatasync(self.fd)
+
+    def discard(self, offset, length):
+        if not self.is_file:
+            return  # a hint only: contents after discard are undefined
+        try:
+            _fallocate_or_raise(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                                offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+
+    def write_zeroes(self, offset, length, may_unmap=True):
+        if self.is_file:
+            modes = []
+            if may_unmap:
+                modes.append(_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE)
+            modes.append(_FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE)
+            for mode in modes:
+                try:
+                    _fallocate_or_raise(self.fd, mode, offset, length)
+                    return
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                        raise
+        Store.write_zeroes(self, offset, length, may_unmap)
+
+    def extents(self, offset, length):
+        """Data/hole runs from SEEK_DATA/SEEK_HOLE (a hole reads as zeroes)."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return [(length, 0)]
+        if not self.is_file:
+            return [(end - offset, 0)]
+        out = []
+        pos = offset
+        fd = self.fd
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:      # no data after pos: all hole
+                    data = end
+                else:
+                    return out or [(end - offset, 0)]
+            if data > pos:
+                out.append((min(data, end) - pos, EXTENT_HOLE | EXTENT_ZERO))
+                pos = min(data, end)
+                continue
+            try:
+                hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            except OSError:
+                hole = end
+            hole = min(max(hole, pos + 1), end)
+            out.append((hole - pos, 0))
+            pos = hole
+        return out
+
+    def close(self):
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class MemStore(Store):
+    """An in-memory store: for tests and for measuring the router alone."""
+
+    def __init__(self, size: int, name: str = "mem", readonly: bool = False):
+        self.buf = bytearray(size)
+        self.size = size
+        self.name = name
+        self.readonly = readonly
+
+    def readinto_at(self, buf, offset):
+        n = len(buf)
+        buf[:] = self.buf[offset:offset + n]
+
+    def write_at(self, offset, data):
+        n = len(data)
+        if offset + n > self.size:
+            raise OSError(errno.ENOSPC, strerror(errno.ENOSPC))
+        self.buf[offset:offset + n] = data
+
+    def discard(self, offset, length):
+        self.buf[offset:offset + length] = bytes(length)
+
+    def write_zeroes(self, offset, length, may_unmap=True):
+        self.buf[offset:offset + length] = bytes(length)
+
+
+class StorePool:
+    """Open files shared by every table that names them, refcounted.
+
+    A file opened read-only and later wanted read-write is reopened (the
+    read-only handle stays valid for its current users).
+    """
+
+    def __init__(self, lock_factory=threading.Lock):
+        self._lock = lock_factory()
+        self._open = {}   # (path, readonly) -> [store, refcount]
+
+    def acquire(self, path: str, readonly: bool = False) -> FileStore:
+        key = (os.path.realpath(path), readonly)
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is not None:
+                entry[1] += 1
+                return entry[0]
+        store = FileStore(path, readonly)
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is not None:      # lost a race to open the same file
+                entry[1] += 1
+                store.close()
+                return entry[0]
+            self._open[key] = [store, 1]
+        return store
+
+    def release(self, store: FileStore) -> None:
+        key = (os.path.realpath(store.path), store.readonly)
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None or entry[0] is not store:
+                return
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del self._open[key]
+        store.close()
+
+    def open_count(self) -> int:
+        with self._lock:
+            return len(self._open)
