@@ -40,8 +40,10 @@ class BioDoubleCompletion(RuntimeError):
 
 
 class Bio:
+    # dev/target/io/bio_nr belong to the router: where a clone is sent, which
+    # target mapped it, its io record, and which copy of a broadcast it is.
     __slots__ = ("op", "flags", "sector", "nr_sectors", "data", "end_io",
-                 "status", "private", "id")
+                 "status", "private", "id", "dev", "target", "io", "bio_nr")
 
     def __init__(self, op, sector=0, nr_sectors=0, data=None, flags=0,
                  end_io=None, private=None):
@@ -53,6 +55,10 @@ class Bio:
         self.end_io = end_io
         self.status = 0
         self.private = private
+        self.dev = None
+        self.target = None
+        self.io = None
+        self.bio_nr = 0
         # next() on itertools.count is atomic under the GIL: ids stay unique
         # without a lock on the hot path.
         self.id = next(_ids)

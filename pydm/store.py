@@ -55,6 +55,11 @@ class Store:
     supports_discard = True
     supports_write_zeroes = True
 
+    @property
+    def ref(self) -> str:
+        """How a table names this store (printed back by ``table``)."""
+        return self.name
+
     # -- byte face -----------------------------------------------------
     def readinto_at(self, buf, offset: int) -> None:
         raise NotImplementedError

@@ -1,0 +1,75 @@
+"""The pydm daemon: devices from a config, the control socket, and listeners.
+
+Rules of this module: it wires parts together and owns their lifetimes; it
+holds no I/O logic.  Listeners (the NBD server) are *services*: objects with
+``start()`` and ``stop()``, started after the devices exist and stopped before
+the devices are removed, so no client sees a half-built or half-removed stack.
+"""
+
+import logging
+import signal
+import threading
+
+from pydm.control import Control
+from pydm.ctlsock import ControlServer
+from pydm.errors import DMError, PydmError
+
+log = logging.getLogger("pydm.daemon")
+
+
+class Daemon:
+    def __init__(self, socket_path: str, control: Control = None):
+        self.control = control or Control()
+        self.socket_path = socket_path
+        self.ctl = ControlServer(self.control, socket_path)
+        self.services = []
+        self._stop = threading.Event()
+
+    def add_service(self, service) -> None:
+        self.services.append(service)
+
+    def create_devices(self, specs) -> None:
+        for spec in specs:
+            try:
+                self.control.create(spec.name, spec.table, spec.uuid, spec.readonly, spec.cwd)
+            except DMError as e:
+                raise PydmError(f"device {spec.name}: {e}", e.errno) from None
+            log.info("created device %s (%d sectors)", spec.name,
+                     self.control.get(spec.name).size_sectors)
+
+    def start(self) -> None:
+        self.ctl.start()
+        started = []
+        try:
+            for s in self.services:
+                s.start()
+                started.append(s)
+        except BaseException:
+            for s in reversed(started):
+                s.stop()
+            self.ctl.stop()
+            raise
+        log.info("control socket %s", self.socket_path)
+
+    def stop(self) -> None:
+        for s in reversed(self.services):
+            try:
+                s.stop()
+            except Exception:
+                log.exception("stopping %r failed", s)
+        self.ctl.stop()
+        self.control.shutdown()
+
+    def request_stop(self, *_):
+        self._stop.set()
+
+    def run(self) -> None:
+        """After ``start``: serve until SIGINT or SIGTERM, then shut down cleanly."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.request_stop)
+        try:
+            while not self._stop.wait(3600):
+                pass
+        finally:
+            log.info("shutting down")
+            self.stop()

@@ -1,0 +1,231 @@
+"""Tables: parse dmsetup table text, build the targets, find the owner of a sector.
+
+Rules of this module: a table is built completely or not at all.  Every
+problem (syntax, gap, overlap, zero length, unknown type, constructor error)
+fails the whole load with a message naming the line, and everything already
+built is torn down before the error leaves.  Once built, a table is
+immutable; the device swaps whole tables.
+
+Syntax, as dmsetup: one target per line, ``<start> <length> <type> <args...>``
+in 512-byte sectors; blank lines and ``#`` comments are ignored; a backslash
+escapes the next character (so an argument may contain a space).
+"""
+
+import bisect
+import errno
+
+from pydm import target as _t
+from pydm.errors import DMError, PydmError
+
+
+class TableLine:
+    __slots__ = ("lineno", "start", "length", "ttype", "args")
+
+    def __init__(self, lineno, start, length, ttype, args):
+        self.lineno = lineno
+        self.start = start
+        self.length = length
+        self.ttype = ttype
+        self.args = args
+
+
+def split_args(text: str) -> list:
+    out, cur, have, esc = [], [], False, False
+    for ch in text:
+        if esc:
+            cur.append(ch)
+            esc = False
+            have = True
+        elif ch == "\\":
+            esc = True
+        elif ch.isspace():
+            if have:
+                out.append("".join(cur))
+                cur, have = [], False
+        else:
+            cur.append(ch)
+            have = True
+    if esc:
+        raise DMError("trailing backslash")
+    if have:
+        out.append("".join(cur))
+    return out
+
+
+def quote_arg(arg: str) -> str:
+    return "".join("\\" + c if c.isspace() or c == "\\" else c for c in arg)
+
+
+def _sector(text, what, lineno):
+    if not text.isascii() or not text.isdigit():
+        raise DMError(f"line {lineno}: invalid {what} {text!r}")
+    return int(text)
+
+
+def parse_table(text: str) -> list:
+    """Parse and check the layout of table text (types are checked at build)."""
+    lines = []
+    expect = 0
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        body = raw.split("#", 1)[0].strip()
+        if not body:
+            continue
+        try:
+            words = split_args(body)
+        except DMError as e:
+            raise DMError(f"line {lineno}: {e}") from None
+        if len(words) < 3:
+            raise DMError(f"line {lineno}: expected '<start> <length> <target> [args]', "
+                          f"got {body!r}")
+        start = _sector(words[0], "start sector", lineno)
+        length = _sector(words[1], "length", lineno)
+        if length == 0:
+            raise DMError(f"line {lineno}: zero-length target")
+        if start != expect:
+            what = "gap" if start > expect else "overlap"
+            raise DMError(f"line {lineno}: {what} in table: target starts at sector "
+                          f"{start}, expected {expect}")
+        lines.append(TableLine(lineno, start, length, words[2], words[3:]))
+        expect = start + length
+    if not lines:
+        raise DMError("empty table")
+    return lines
+
+
+class TableContext:
+    """What a target may ask of the core (the kernel's dm_table/dm_target helpers)."""
+
+    def __init__(self, table, resolver, device):
+        self.table = table
+        self._resolver = resolver
+        self.device = device           # the MappedDevice this table belongs to
+        self._held = []
+
+    @property
+    def readonly(self) -> bool:
+        return self.table.readonly
+
+    def get_device(self, arg: str, readonly: bool = None):
+        """Open a store or lower pydm device named in a table argument."""
+        ro = self.table.readonly if readonly is None else readonly
+        dev, release = self._resolver(arg, ro, self.device)
+        self._held.append(release)
+        return dev
+
+    def release_all(self) -> None:
+        held, self._held = self._held, []
+        for release in reversed(held):
+            release()
+
+    def event(self) -> None:
+        """Raise a device event (wakes ``dmsetup wait``)."""
+        if self.device is not None:
+            self.device.raise_event()
+
+    def quiesce(self):
+        """Context manager: no bio in flight, new bios held, until exit."""
+        return self.device.quiesce()
+
+    def noflush_suspending(self) -> bool:
+        return self.device is not None and self.device.noflush_suspending
+
+    def suspended(self) -> bool:
+        return self.device is not None and self.device.suspended
+
+
+class Table:
+    def __init__(self, text: str, registry, resolver, device=None, readonly=False):
+        self.readonly = readonly
+        self.targets = []
+        self.ends = []
+        self.size = 0           # sectors
+        self._types = []
+        self.destroyed = False
+        lines = parse_table(text)
+        self.ctx = TableContext(self, resolver, device)
+        try:
+            for ln in lines:
+                self._add(registry, ln)
+            self._check_features()
+        except BaseException:
+            self._teardown(registry)
+            raise
+        self._registry = registry
+        self._summarise()
+
+    def _add(self, registry, ln):
+        try:
+            cls = registry.acquire(ln.ttype)
+        except DMError as e:
+            raise DMError(f"line {ln.lineno}: {e}", e.errno) from None
+        self._types.append(ln.ttype)
+        try:
+            tgt = cls(self.ctx, ln.start, ln.length, ln.args)
+        except PydmError as e:
+            raise DMError(f"line {ln.lineno}: {ln.ttype}: {e}", e.errno) from None
+        except (ValueError, TypeError, OverflowError) as e:
+            raise DMError(f"line {ln.lineno}: {ln.ttype}: bad arguments: {e}") from None
+        self.targets.append(tgt)
+        self.ends.append(ln.start + ln.length)
+        self.size = ln.start + ln.length
+
+    def _check_features(self):
+        for t in self.targets:
+            if t.features & _t.SINGLETON and len(self.targets) > 1:
+                raise DMError(f"{t.name}: target type must be the only one in its table")
+            if t.features & _t.ALWAYS_WRITEABLE and self.readonly:
+                raise DMError(f"{t.name}: target type may not be used in a read-only table",
+                              errno.EROFS)
+
+    def _summarise(self):
+        ts = self.targets
+        self.flush_supported = any(t.num_flush_bios for t in ts)
+        self.discard_supported = all(t.num_discard_bios for t in ts)
+        self.write_zeroes_supported = all(t.num_write_zeroes_bios for t in ts)
+        self.single = ts[0] if len(ts) == 1 else None
+        self.immutable_type = next((t.name for t in ts if t.features & _t.IMMUTABLE), None)
+        limits = {"logical_block_size": 512, "optimal_io_size": 0}
+        for t in ts:
+            t.io_hints(limits)
+        self.limits = limits
+
+    def _teardown(self, registry):
+        for t in reversed(self.targets):
+            try:
+                t.dtr()
+            except Exception:      # a destructor must not stop the others
+                pass
+        self.ctx.release_all()
+        for name in self._types:
+            registry.release(name)
+        self.targets = []
+        self._types = []
+
+    def destroy(self) -> None:
+        """Run every destructor once, release devices and type references."""
+        if self.destroyed:
+            return
+        self.destroyed = True
+        self._teardown(self._registry)
+
+    def find(self, sector: int):
+        """Index of the target owning ``sector`` (must be < size)."""
+        return bisect.bisect_right(self.ends, sector)
+
+    def text(self) -> str:
+        out = []
+        for t in self.targets:
+            st = t.status(_t.STATUS_TABLE)
+            out.append(f"{t.begin} {t.len} {t.name}" + (f" {st}" if st else ""))
+        return "\n".join(out) + "\n"
+
+    def lines_status(self, type_: str):
+        return [(t.begin, t.len, t.name, t.status(type_)) for t in self.targets]
+
+    def contexts(self):
+        names = []
+        for t in self.targets:
+            for c in t.contexts():
+                if c not in names:
+                    names.append(c)
+        return names
