@@ -18,6 +18,7 @@ import functools
 import itertools
 import os
 import re
+import threading
 
 from pydm import trace
 from pydm.device import MappedDevice
@@ -46,6 +47,8 @@ class Control:
         self._lock = make_lock("control.registry")
         self._devices = {}
         self._minors = itertools.count(0)
+        self._workers = []
+        self._workers_lock = make_lock("control.workers")
 
     # ----------------------------------------------------------- lookup
     def get(self, name: str) -> MappedDevice:
@@ -86,7 +89,7 @@ class Control:
 
         def release():
             if dev.close(key):
-                self._deferred_remove(dev)
+                self._schedule_deferred_remove(dev)
         return dev, release
 
     def _depends_on(self, dev, target) -> bool:
@@ -190,6 +193,17 @@ class Control:
         if dev.deferred_remove and self._unlink(dev):
             dev.destroy()
 
+    def _schedule_deferred_remove(self, dev) -> None:
+        # The last holder may let go while holding its own device's control
+        # lock (an upper table being destroyed); removing from there would
+        # take the registry and a second device lock out of order.  Like the
+        # kernel's deferred-remove work item, do it from a worker.
+        t = threading.Thread(target=self._deferred_remove, args=(dev,),
+                             name="pydm-deferred-remove", daemon=True)
+        with self._workers_lock:
+            self._workers = [w for w in self._workers if w.is_alive()] + [t]
+        t.start()
+
     def rename(self, name: str, new: str) -> None:
         if not _NAME_RE.match(new or ""):
             raise DMError(f"invalid device name {new!r}")
@@ -238,8 +252,8 @@ class Control:
         with dev.table_ref() as t:
             for tgt in (t.targets if t is not None else []):
                 for lower, _s, _n in tgt.iterate_devices():
-                    if lower.name not in out:
-                        out.append(lower.name)
+                    if lower.ref not in out:
+                        out.append(lower.ref)
         return out
 
     # ---------------------------------------------------------- clients
@@ -257,6 +271,10 @@ class Control:
 
     def shutdown(self) -> None:
         """Remove every device, upper devices before the ones they map onto."""
+        with self._workers_lock:
+            workers = list(self._workers)
+        for w in workers:
+            w.join()
         while True:
             devs = self.devices()
             if not devs:

@@ -1,0 +1,59 @@
+"""Shared test setup: the lock-order checker is on for the whole suite.
+
+PYDM_LOCKDEP is read once when pydm.lockdep is imported, so it is set here,
+before any test module imports pydm.  After every test, no lock-order report
+may be left over (tests that build a deliberate inversion clear their own).
+"""
+
+import os
+
+os.environ.setdefault("PYDM_LOCKDEP", "1")
+
+import pytest  # noqa: E402
+
+from pydm import lockdep  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_lock_order_reports():
+    before = len(lockdep.reports)
+    yield
+    new = lockdep.reports[before:]
+    assert not new, "lock-order checker reported:\n" + "\n".join(new)
+
+
+def _mount(args, what):
+    import subprocess
+    r = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount {what} here: {r.stderr.strip()}")
+
+
+def _umount(path):
+    import subprocess
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 1 MiB tmpfs: writes past its space fail with ENOSPC for real."""
+    mnt = tmp_path / "smallfs"
+    mnt.mkdir()
+    _mount(["-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], "a tmpfs")
+    yield mnt
+    _umount(mnt)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A directory holding ro.img (1 MiB), bind-mounted read-only."""
+    src = tmp_path / "rosrc"
+    src.mkdir()
+    with open(src / "ro.img", "wb") as f:
+        f.write(b"r" * (1 << 20))
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    _mount(["--bind", str(src), str(mnt)], "a bind mount")
+    _mount(["-o", "remount,bind,ro", str(mnt)], "a read-only bind mount")
+    yield mnt
+    _umount(mnt)
