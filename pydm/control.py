@@ -126,7 +126,7 @@ class Control:
             dev.minor = next(self._minors)
             self._devices[name] = dev
         if trace.ENABLED:
-            trace.emit("dev_create", dev=name)
+            trace.emit("dev_create", dev=name, minor=dev.minor)
         if table is not None:
             try:
                 self.load(name, table, cwd)

@@ -356,7 +356,7 @@ class MappedDevice:
                     self._retire(table)
             self.inactive = None
             if trace.ENABLED:
-                trace.emit("dev_remove", dev=self.name)
+                trace.emit("dev_remove", dev=self.name, minor=self.minor)
         for bio in held:
             bio.complete(errno.EIO)
         self.raise_event()
