@@ -64,7 +64,7 @@ class MappedDevice:
         if self._block:
             if bio.flags & REQ_RAHEAD:
                 lock.release()
-                bio.complete(errno.EIO)
+                self._fail(bio)
                 return
             self._deferred.append(bio)
             lock.release()
@@ -74,7 +74,7 @@ class MappedDevice:
         table = self.live
         if table is None:
             lock.release()
-            bio.complete(errno.EIO)
+            self._fail(bio)
             return
         self._inflight += 1
         lock.release()
@@ -82,6 +82,11 @@ class MappedDevice:
             trace.emit("bio_submit", dev=self.name, bio=bio.id, op=bio.op,
                        sector=bio.sector, nr=bio.nr_sectors)
         route(self, table, bio)
+
+    def _fail(self, bio, status=errno.EIO):
+        if trace.ENABLED:
+            trace.emit("bio_complete", dev=self.name, bio=bio.id, status=status)
+        bio.complete(status)
 
     def io_done(self, bio, status) -> None:
         """Called by the router exactly once per routed bio."""
@@ -181,7 +186,7 @@ class MappedDevice:
                     return False
                 self._drained.wait(left)
         if trace.ENABLED:
-            trace.emit("dev_drained", dev=self.name)
+            trace.emit("dev_drained", dev=self.name, minor=self.minor)
         return True
 
     def _unblock_io(self):
@@ -238,7 +243,7 @@ class MappedDevice:
             if old is not None:
                 old.destroy()
             if trace.ENABLED:
-                trace.emit("dev_load", dev=self.name)
+                trace.emit("dev_load", dev=self.name, minor=self.minor)
 
     def clear(self) -> None:
         with self.control_lock:
@@ -247,7 +252,7 @@ class MappedDevice:
             if old is not None:
                 old.destroy()
             if trace.ENABLED:
-                trace.emit("dev_clear", dev=self.name)
+                trace.emit("dev_clear", dev=self.name, minor=self.minor)
 
     def suspend(self, noflush: bool = False, timeout=None) -> None:
         with self.control_lock:
@@ -260,7 +265,7 @@ class MappedDevice:
 
     def _suspend(self, noflush, timeout=None):
         if trace.ENABLED:
-            trace.emit("dev_suspend_begin", dev=self.name, noflush=noflush)
+            trace.emit("dev_suspend_begin", dev=self.name, minor=self.minor, noflush=noflush)
         self.noflush_suspending = noflush
         done = []
         try:
@@ -273,7 +278,7 @@ class MappedDevice:
             self.noflush_suspending = False
             raise DMError(f"{self.name}: presuspend failed: {e}", errno.EIO) from None
         if trace.ENABLED:
-            trace.emit("dev_presuspend", dev=self.name)
+            trace.emit("dev_presuspend", dev=self.name, minor=self.minor)
         self._block_io()
         if not self._wait_drained(timeout):
             for t in reversed(done):
@@ -290,7 +295,7 @@ class MappedDevice:
             except Exception:
                 log.exception("%s: %s postsuspend failed", self.name, t.name)
         if trace.ENABLED:
-            trace.emit("dev_suspended", dev=self.name)
+            trace.emit("dev_suspended", dev=self.name, minor=self.minor)
 
     def resume(self, noflush: bool = False) -> None:
         with self.control_lock:
@@ -301,7 +306,7 @@ class MappedDevice:
                 if self.live is None:
                     raise DMError(f"{self.name}: cannot resume without a table")
             if trace.ENABLED:
-                trace.emit("dev_resume_begin", dev=self.name)
+                trace.emit("dev_resume_begin", dev=self.name, minor=self.minor)
             if self.inactive is not None:
                 if self.live is not None and not self.suspended:
                     self._suspend(noflush)
@@ -326,7 +331,7 @@ class MappedDevice:
             self._ever_resumed = True
             self._unblock_io()
             if trace.ENABLED:
-                trace.emit("dev_resumed", dev=self.name)
+                trace.emit("dev_resumed", dev=self.name, minor=self.minor)
         self.raise_event()
 
     def _retire(self, table):
@@ -358,7 +363,7 @@ class MappedDevice:
             if trace.ENABLED:
                 trace.emit("dev_remove", dev=self.name, minor=self.minor)
         for bio in held:
-            bio.complete(errno.EIO)
+            self._fail(bio)
         self.raise_event()
 
     # ----------------------------------------------------------- queries

@@ -18,6 +18,7 @@ from pydm.control import Control
 from pydm.ctlsock import ControlClient, ControlError, ControlServer
 from pydm.errors import DMError
 from pydm.target import REMAPPED, Target
+from pydm.verify import monitor
 
 SECONDS = float(os.environ.get("PYDM_STRESS_SECONDS", "30"))
 NAMES = [f"d{i}" for i in range(4)]
@@ -137,6 +138,9 @@ def test_control_plane_stress(tmp_path):
         f"0 4096 chk {a}\n4096 4096 error\n",
         "0 8192 linear dm:base 0\n",
     ]
+    monitors = [monitor.bio_once(), monitor.dev_lifecycle()]
+    for m in monitors:
+        trace.attach(m)
     control = Control()
     control.targets.register(Chk)
     control.create("base", f"0 8192 linear {b} 0\n")
@@ -174,7 +178,12 @@ def test_control_plane_stress(tmp_path):
             time.sleep(0.05)
     finally:
         trace.detach(rec)
+        for m in monitors:
+            trace.detach(m)
         server.stop()
+    for m in monitors:
+        m.end_check()
+        assert not m.violations, [str(v) for v in m.violations[:10]]
     assert not errors, "\n".join(errors[:20])
     assert not stats.outstanding, f"{len(stats.outstanding)} bios never completed"
     assert all(v == 1 for v in stats.completed.values()), "a bio completed twice"

@@ -1,0 +1,1 @@
+"""Runtime verification: trace events checked against automata (kernel RV style)."""
