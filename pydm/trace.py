@@ -20,11 +20,13 @@ import itertools
 import os
 import threading
 
+from pydm.lockdep import make_raw_lock
+
 ENABLED = os.environ.get("PYDM_TRACE", "") not in ("", "0")
 
 _sinks = []
 _seq = itertools.count(1)
-_sink_lock = threading.Lock()   # guards the sink list only, never held in emit
+_sink_lock = make_raw_lock()    # guards the sink list only, never held in emit
 
 
 def emit(event: str, **fields) -> None:

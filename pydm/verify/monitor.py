@@ -11,9 +11,9 @@ pydm locks.
 
 import contextlib
 import logging
-import threading
 
 from pydm import trace
+from pydm.lockdep import make_raw_lock
 from pydm.verify.dotmodel import load
 
 log = logging.getLogger("pydm.verify")
@@ -48,7 +48,7 @@ class Monitor:
         self.reactor = reactor
         self.instances = {}
         self.violations = []
-        self._lock = threading.Lock()     # raw on purpose: not part of pydm's order
+        self._lock = make_raw_lock()
 
     def __call__(self, fields):
         ev = fields["event"]
