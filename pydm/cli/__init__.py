@@ -16,8 +16,16 @@ from pydm.errors import PydmError
 GROUPS = ("serve", "dm", "era")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits 1 like every other pydm failure."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pydm",
         description="pydm: a userspace device-mapper served over NBD.",
     )
