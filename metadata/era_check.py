@@ -100,9 +100,8 @@ class Checker:
 
     def _writeset_tree(self, root, what, nr_blocks):
         def on_value(era, v):
+            # nr_bits may exceed nr_blocks after a shrink: digest uses the minimum
             nr_bits, bs_root = _WS.unpack(v)
-            if nr_bits > nr_blocks:
-                self.problem(f"{what}: writeset {era} has {nr_bits} bits for {nr_blocks} blocks")
             self._array(bs_root, -(-nr_bits // 64), 8, f"writeset {era} bitset")
         self._btree(root, what, _WS.size, on_value)
 

@@ -8,7 +8,7 @@ the devices are removed, so no client sees a half-built or half-removed stack.
 
 import logging
 import signal
-import threading
+import time
 
 from pydm.control import Control
 from pydm.ctlsock import ControlServer
@@ -23,7 +23,9 @@ class Daemon:
         self.socket_path = socket_path
         self.ctl = ControlServer(self.control, socket_path)
         self.services = []
-        self._stop = threading.Event()
+        # A plain flag: a signal handler must never take a lock (it may run
+        # while the main thread already holds the one it would need).
+        self._stopping = False
 
     def add_service(self, service) -> None:
         self.services.append(service)
@@ -61,15 +63,15 @@ class Daemon:
         self.control.shutdown()
 
     def request_stop(self, *_):
-        self._stop.set()
+        self._stopping = True
 
     def run(self) -> None:
         """After ``start``: serve until SIGINT or SIGTERM, then shut down cleanly."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.request_stop)
         try:
-            while not self._stop.wait(3600):
-                pass
+            while not self._stopping:
+                time.sleep(0.2)
         finally:
             log.info("shutting down")
             self.stop()

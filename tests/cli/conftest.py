@@ -14,6 +14,7 @@ def pydm_env(sock):
     env = dict(os.environ)
     env["PYDM_SOCKET"] = str(sock)
     env["PYDM_LOCKDEP"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"     # SIGABRT prints every thread's stack
     return env
 
 
@@ -65,8 +66,12 @@ class Daemon:
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                self.proc.send_signal(signal.SIGABRT)
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
                 raise AssertionError("daemon did not stop on SIGTERM:\n" + self.output())
         out = self.output()
         assert "lockdep" not in out, out
