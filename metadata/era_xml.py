@@ -20,6 +20,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 
 from pydm.metadata import bitset
+from pydm.metadata.blocks_xml import blocks_xml
 from pydm.metadata.block_manager import MetadataError
 from pydm.metadata.era_md import EraMetadata, bits_to_bool
 
@@ -68,20 +69,24 @@ def invalidate_blocks(md: EraMetadata, since: int, snapshot: bool = False) -> np
     return md.changed_since(since, include_current=False, snapshot=snapshot)
 
 
+def run_edges(mask: np.ndarray):
+    """(begins, ends) lists of the runs of True in a bool array."""
+    if not len(mask):
+        return [], []
+    m = np.zeros(len(mask) + 2, dtype=np.int8)
+    m[1:-1] = mask
+    edges = np.flatnonzero(np.diff(m))
+    return edges[0::2].tolist(), edges[1::2].tolist()
+
+
 def runs(mask: np.ndarray):
     """[(begin, end)] runs of True in a bool array."""
-    if not len(mask):
-        return []
-    m = np.concatenate(([False], mask, [False])).astype(np.int8)
-    edges = np.flatnonzero(np.diff(m))
-    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
+    return list(zip(*run_edges(mask)))
 
 
-def write_blocks_xml(out, block_runs) -> None:
-    out.write("<blocks>\n")
-    _write_lines(out, (f'  <block block="{b}"/>\n' if e - b == 1 else
-                       f'  <range begin="{b}" end = "{e}"/>\n' for b, e in block_runs))
-    out.write("</blocks>\n")
+def write_blocks_xml(out, mask: np.ndarray) -> None:
+    """era_invalidate's <blocks> list for a bool array over blocks."""
+    out.write(blocks_xml(*run_edges(mask)))
 
 
 # ------------------------------------------------------------------ restore

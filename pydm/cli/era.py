@@ -69,7 +69,7 @@ def cmd_invalidate(args):
         raise PydmError("no metadata snapshot taken.")
     mask = era_xml.invalidate_blocks(md, args.written_since, snapshot=args.metadata_snapshot)
     with _Output(args.output) as out:
-        era_xml.write_blocks_xml(out, era_xml.runs(mask))
+        era_xml.write_blocks_xml(out, mask)
 
 
 def _estimate_blocks(xml_path):

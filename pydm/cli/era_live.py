@@ -83,18 +83,6 @@ def cmd_status(args):
           f"metadata snapshot: {'none' if snap is None else f'at block {snap}'}")
 
 
-def format_xml(ranges) -> str:
-    """era_invalidate's output: ranges, and single blocks as <block/>."""
-    out = ["<blocks>"]
-    for b, e in ranges:
-        if e - b == 1:
-            out.append(f'  <block block="{b}"/>')
-        else:
-            out.append(f'  <range begin="{b}" end = "{e}"/>')
-    out.append("</blocks>")
-    return "\n".join(out) + "\n"
-
-
 def format_ranges(device, r) -> str:
     bs = r["block_size_sectors"] << 9
     head = (f"# pydm era changed: device {device}, metadata uuid {r['uuid'] or '-'}, "
@@ -115,7 +103,8 @@ def cmd_changed(args):
         r["byte_ranges"] = [{"offset": b * bs, "length": (e - b) * bs} for b, e in r["ranges"]]
         print_json(r)
     elif args.format == "xml":
-        print(format_xml(r["ranges"]), end="")
+        from pydm.metadata.blocks_xml import blocks_xml
+        print(blocks_xml([b for b, _e in r["ranges"]], [e for _b, e in r["ranges"]]), end="")
     else:
         print(format_ranges(args.device, r), end="")
 

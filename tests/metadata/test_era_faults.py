@@ -153,7 +153,7 @@ def answers(path):
         out.append(buf.getvalue())
         for t in (0, 2, 5):
             buf = io.StringIO()
-            era_xml.write_blocks_xml(buf, era_xml.runs(era_xml.invalidate_blocks(md, t)))
+            era_xml.write_blocks_xml(buf, era_xml.invalidate_blocks(md, t))
             out.append(buf.getvalue())
         if md.snapshot_block:
             out.append(str(np.flatnonzero(md.changed_since(1, snapshot=True)).tolist()))
