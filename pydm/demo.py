@@ -1,8 +1,9 @@
 """The built-in demo stack served by ``pydm serve`` without a config.
 
-Two sparse 32 MiB image files in the state directory, joined by a two-line
-linear table into one 64 MiB device named ``demo``.  Images are created on
-first use and kept, so data written to the demo survives restarts.
+Two sparse 32 MiB image files joined by a two-line linear table into
+``demo-disk`` (64 MiB), and on top of it ``demo``: an era device tracking
+changed 64 KiB blocks, with its metadata in ``era-meta.img``.  Images are
+created on first use and kept, so data and change tracking survive restarts.
 """
 
 import os
@@ -11,6 +12,8 @@ from pydm.config import DeviceSpec
 from pydm.errors import PydmError
 
 IMAGE_BYTES = 32 << 20
+META_BYTES = 8 << 20
+ERA_BLOCK_SECTORS = 128
 
 
 def default_state_dir() -> str:
@@ -22,15 +25,18 @@ def default_state_dir() -> str:
 def demo_specs(state_dir: str):
     try:
         os.makedirs(state_dir, exist_ok=True)
-        for name in ("disk0.img", "disk1.img"):
+        for name, size in (("disk0.img", IMAGE_BYTES), ("disk1.img", IMAGE_BYTES),
+                           ("era-meta.img", META_BYTES)):
             path = os.path.join(state_dir, name)
             if not os.path.exists(path):
                 with open(path, "wb") as f:
-                    f.truncate(IMAGE_BYTES)
+                    f.truncate(size)
     except OSError as e:
         raise PydmError(f"cannot prepare demo state in {state_dir}: {e.strerror}",
                         e.errno) from None
     sectors = IMAGE_BYTES >> 9
-    table = (f"0 {sectors} linear disk0.img 0\n"
-             f"{sectors} {sectors} linear disk1.img 0\n")
-    return [DeviceSpec("demo", table, cwd=state_dir)]
+    disk = (f"0 {sectors} linear disk0.img 0\n"
+            f"{sectors} {sectors} linear disk1.img 0\n")
+    era = f"0 {2 * sectors} era era-meta.img dm:demo-disk {ERA_BLOCK_SECTORS}\n"
+    return [DeviceSpec("demo-disk", disk, cwd=state_dir),
+            DeviceSpec("demo", era, cwd=state_dir)]
