@@ -268,6 +268,31 @@ class MemStore(Store):
         self.buf[offset:offset + length] = bytes(length)
 
 
+class CountingStore:
+    """Wraps a store's byte face, counting writes and flushes; with ``budget``
+    it silently drops every write after the first ``budget`` (the disk as a
+    power cut leaves it).  For crash tests and I/O accounting."""
+
+    def __init__(self, inner, budget=None):
+        self.inner = inner
+        self.size = inner.size
+        self.budget = budget
+        self.writes = 0
+        self.flushes = 0
+
+    def read_at(self, offset, length):
+        return self.inner.read_at(offset, length)
+
+    def write_at(self, offset, data):
+        self.writes += 1
+        if self.budget is None or self.writes <= self.budget:
+            self.inner.write_at(offset, data)
+
+    def flush(self):
+        self.flushes += 1
+        self.inner.flush()
+
+
 class StorePool:
     """Open files shared by every table that names them, refcounted.
 

@@ -21,25 +21,6 @@ import tempfile
 import time
 
 
-class CountingStore:
-    def __init__(self, inner):
-        self.inner = inner
-        self.size = inner.size
-        self.writes = 0
-        self.flushes = 0
-
-    def read_at(self, offset, length):
-        return self.inner.read_at(offset, length)
-
-    def write_at(self, offset, data):
-        self.writes += 1
-        self.inner.write_at(offset, data)
-
-    def flush(self):
-        self.flushes += 1
-        self.inner.flush()
-
-
 def build_image(d, nr_blocks, seed=1):
     rnd = random.Random(seed)
     xml = os.path.join(d, "big.xml")
@@ -76,7 +57,7 @@ def main(argv=None):
     ap.add_argument("--since", type=int, default=5)
     a = ap.parse_args(argv)
     from pydm.metadata.era_md import EraMetadata
-    from pydm.store import FileStore
+    from pydm.store import CountingStore, FileStore
 
     d = tempfile.mkdtemp(prefix="pydm-bench-era-")
     try:

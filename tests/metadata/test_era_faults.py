@@ -14,31 +14,8 @@ from pydm.errors import PydmError
 from pydm.metadata import era_xml
 from pydm.metadata.era_check import check
 from pydm.metadata.era_md import EraMetadata
+from pydm.store import CountingStore as CutStore
 from pydm.store import FileStore
-
-
-class CutStore:
-    """A store that silently drops every write after the first ``budget``:
-    the disk as a power cut leaves it."""
-
-    def __init__(self, inner, budget=None):
-        self.inner = inner
-        self.size = inner.size
-        self.budget = budget
-        self.writes = 0
-        self.flushes = 0
-
-    def read_at(self, offset, length):
-        return self.inner.read_at(offset, length)
-
-    def write_at(self, offset, data):
-        self.writes += 1
-        if self.budget is None or self.writes <= self.budget:
-            self.inner.write_at(offset, data)
-
-    def flush(self):
-        self.flushes += 1
-        self.inner.flush()
 
 
 def signature(path):

@@ -194,3 +194,24 @@ def test_bitset_round_trip():
         bits[i] = 1
     root = bitset.write_blocks(info, root, bits, {0, 1, 3})
     assert bitset.read(tm, root, n)[:n] == bits[:n]
+
+
+def test_space_map_extend_survives_commit_and_reopen(tmp_path):
+    from pydm.metadata.era_md import EraMetadata
+    path = tmp_path / "m.bin"
+    path.write_bytes(bytes(16 * 4096))
+    store = FileStore(str(path))
+    md = EraMetadata.format(store, 8, 100)
+    with open(path, "ab") as f:
+        f.truncate(20000 * 4096)
+    store.refresh_size()
+    md.bm.nr_blocks = store.size // 4096
+    md.sm.extend(20000 - 16)
+    md.checkpoint()
+    for b in range(100):
+        md.mark(b)
+    md.commit()
+    again = EraMetadata.open(FileStore(str(path), readonly=True), readonly=True)
+    assert again.sm.nr_blocks == 20000 and again.metadata_usage() == md.metadata_usage()
+    from pydm.metadata.era_check import check
+    assert check(FileStore(str(path), readonly=True)) == (True, [])
