@@ -188,7 +188,8 @@ class Client:
     # -- synchronous helpers ----------------------------------------------
     def _one(self, cmd, offset, length, flags=0, data=b""):
         c = self.send(cmd, offset, length, flags, data)
-        cookie, error, payload = self.reply(lambda _c: length)
+        cookie, error, payload = self.reply(
+            (lambda _c: length) if cmd == P.CMD_READ else None)
         assert cookie == c
         if error:
             raise NBDError(error)
