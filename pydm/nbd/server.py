@@ -378,7 +378,11 @@ class Connection:
                     bio = Bio(READ, offset >> 9, length >> 9, view, 0, read_done,
                               (cookie, offset, buf, length, flags))
                 else:
-                    self._read_into(view, length)
+                    try:
+                        self._read_into(view, length)
+                    except BaseException:
+                        self._release(buf, length)      # the client left mid-payload
+                        raise
                     bio = Bio(WRITE, offset >> 9, length >> 9, view,
                               REQ_FUA if flags & P.CMD_FLAG_FUA else 0, write_done,
                               (cookie, buf, length))

@@ -156,9 +156,16 @@ class Client:
         data = {}
         status = []
         error = 0
+        self.chunk_types = []
+        first = True
         while True:
+            if not first:
+                (magic,) = struct.unpack(">I", recv_exact(self.sock, 4))
+                assert magic == P.STRUCTURED_REPLY_MAGIC, hex(magic)
+            first = False
             flags, ctype, cookie, n = struct.unpack(">HHQI", recv_exact(self.sock, 16))
             body = recv_exact(self.sock, n)
+            self.chunk_types.append(ctype)
             if ctype == P.REPLY_TYPE_OFFSET_DATA:
                 data[struct.unpack(">Q", body[:8])[0]] = body[8:]
             elif ctype == P.REPLY_TYPE_OFFSET_HOLE:
