@@ -45,7 +45,8 @@ def register(sub):
     nbd.add_argument("--nbd-readonly", action="store_true",
                      help="serve every export read-only")
     nbd.add_argument("--nbd-workers", type=int, default=None, metavar="N",
-                     help="worker threads per connection for large requests (default 2)")
+                     help="most worker threads per connection, for large requests and "
+                          "replies completed elsewhere (default 4)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.set_defaults(func=run)
     return p

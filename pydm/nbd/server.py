@@ -55,7 +55,7 @@ MAX_CONNECTIONS = 256
 BATCH_PARTS = 128              # iovec entries per batched sendmsg (IOV_MAX 1024)
 BATCH_BYTES = 2 << 20
 INLINE_MAX = 128 << 10         # larger READ/WRITE run on a worker thread
-DEFAULT_WORKERS = 2
+DEFAULT_WORKERS = 4            # at most, per connection; started as needed
 ERRORS_LOGGED = 5              # per connection; the rest are counted
 
 _get_ident = threading.get_ident
@@ -242,7 +242,7 @@ class Connection:
             self.rpos = pos + k
         if k < n and self.pending:
             self._flush_pending()
-        recv = self.transport.recv_into
+        recv = self.transport.recv_all_into
         while k < n:
             got = recv(view[k:n], n - k)
             if not got:
@@ -316,12 +316,25 @@ class Connection:
         log.info("nbd %s: serving %s (%s replies)", self.peer, name,
                  "structured" if session.structured else "simple")
         self.work = queue.SimpleQueue()
-        self.nworkers = max(1, self.server.workers)
-        for i in range(self.nworkers):
-            threading.Thread(target=self._worker, name=f"pydm-nbd-w{i} {self.peer}",
-                             daemon=True).start()
+        self._add_worker()
         self.batching = True
         self._serve()
+
+    def _add_worker(self):
+        with self.mem:              # completions on foreign threads may race here
+            i = self.nworkers
+            if i and i >= self.server.workers:
+                return
+            self.nworkers = i + 1
+        threading.Thread(target=self._worker, name=f"pydm-nbd-w{i} {self.peer}",
+                         daemon=True).start()
+
+    def _hand_off(self, job):
+        """Queue a job for the workers, adding one while all seem busy."""
+        work = self.work
+        work.put(job)
+        if work.qsize() > 1 and self.nworkers < self.server.workers and not self.closed:
+            self._add_worker()
 
     def _worker(self):
         self.worker_idents.add(_get_ident())
@@ -346,7 +359,7 @@ class Connection:
         rbuf = self.rbuf
         read_done = self._read_done
         write_done = self._simple_done
-        work_put = self.work.put
+        hand_off = self._hand_off
         while True:
             if self.rend - self.rpos < 28:
                 self._fill(28)
@@ -387,7 +400,7 @@ class Connection:
                               REQ_FUA if flags & P.CMD_FLAG_FUA else 0, write_done,
                               (cookie, buf, length))
                 if length > INLINE_MAX:
-                    work_put((submit, bio))
+                    hand_off((submit, bio))
                 else:
                     submit(bio)
                 continue
@@ -519,7 +532,7 @@ class Connection:
                     self._flush_pending()
                 return
         elif ident not in self.worker_idents:
-            self.work.put((self._send_job, (parts, buf, n)))
+            self._hand_off((self._send_job, (parts, buf, n)))
             return
         self._send_job((parts, buf, n))
 

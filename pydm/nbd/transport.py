@@ -32,6 +32,11 @@ class PlainTransport:
         self.sock = sock
         self.recv_into = sock.recv_into
 
+    def recv_all_into(self, view, n) -> int:
+        """Like recv_into, but one syscall waits for all ``n`` bytes: a 1 MiB
+        payload otherwise arrives in dozens of pieces, each a GIL round trip."""
+        return self.sock.recv_into(view, n, socket.MSG_WAITALL)
+
     def send(self, parts) -> None:
         sock = self.sock
         if len(parts) == 1:
@@ -136,6 +141,8 @@ class TLSTransport:
                     self._push_out()
             if not self._pull_in():
                 return 0
+
+    recv_all_into = recv_into
 
     def send(self, parts) -> None:
         with self.lock:
