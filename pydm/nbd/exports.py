@@ -12,12 +12,6 @@ from pydm.bio import SECTOR_SHIFT
 from pydm.errors import DMError
 from pydm.nbd import protocol as P
 
-# OFFSET_HOLE chunks are only worth a block-status lookup for reads this big.
-HOLE_READ_MIN = 64 << 10
-HOLE_MIN = 4096
-_ZERO = memoryview(bytes(P.MAX_PAYLOAD))
-CONTEXT_ALLOCATION = "base:allocation"
-STATE_ZERO = 2
 
 
 def export_flags(dev, force_readonly=False) -> int:
@@ -113,32 +107,3 @@ def block_status(dev, context: str, offset: int, length: int, req_one: bool):
         if req_one:
             break
     return P.clip_extents(runs, length, req_one)
-
-
-def read_holes(dev, offset: int, buf, n: int) -> list:
-    """Byte ranges of ``buf[:n]`` (just read at ``offset``) to send as holes.
-
-    Only ranges the store reports as zero *and* that really are zero in the
-    buffer qualify, so a write racing with the lookup can never be lost.
-    ``buf`` must be a bytearray: its ``startswith`` compares with memcmp,
-    where comparing two memoryviews goes byte by byte in Python's C loop.
-    """
-    if n < HOLE_READ_MIN:
-        return []
-    try:
-        runs = dev.block_status(CONTEXT_ALLOCATION, offset >> SECTOR_SHIFT,
-                                n >> SECTOR_SHIFT)
-    except Exception:
-        return []
-    if len(runs) == 1 and not runs[0][1] & STATE_ZERO:
-        return []
-    holes = []
-    pos = 0
-    for sectors, flags in runs:
-        size = min(sectors << SECTOR_SHIFT, n - pos)
-        if size <= 0:
-            break
-        if flags & STATE_ZERO and size >= HOLE_MIN and buf.startswith(_ZERO[:size], pos):
-            holes.append((pos, size))
-        pos += size
-    return holes

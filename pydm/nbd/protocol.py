@@ -121,6 +121,9 @@ MAX_PAYLOAD = 32 << 20          # advertised maximum READ/WRITE length
 MIN_BLOCK = 512                 # bios are sector-granular
 PREFERRED_BLOCK = 4096
 MAX_EXTENTS = 1 << 16           # per block-status chunk (spec allows 2^20)
+HOLE_BLOCK = 4096               # OFFSET_HOLE chunks cover whole aligned blocks
+HOLE_READ_MIN = 64 << 10        # smaller reads are always one data chunk
+MAX_HOLES = 64                  # hole chunks per reply (each costs two iovecs)
 
 GREETING = struct.Struct(">QQH")
 CLIENT_FLAGS = struct.Struct(">I")
@@ -666,6 +669,49 @@ def read_reply_parts(cookie: int, offset: int, data, holes=()):
         parts.append(view[pos:n])
     parts.append(none_chunk(cookie))
     return parts
+
+
+_ZERO = memoryview(bytes(MAX_PAYLOAD))
+_ZERO_BLOCK = bytes(HOLE_BLOCK)
+_ZERO16 = bytes(16)
+HOLE_PROBE = 64 << 10
+
+
+def find_holes(buf, n: int) -> list:
+    """(start, length) runs of whole zero blocks in ``buf[:n]`` for OFFSET_HOLE.
+
+    Decided by content, so it is exactly "reads as zeros" whatever the
+    storage below says.  Data is probed first: if no 64 KiB segment starts
+    with 16 zero bytes, the answer is no holes (a few microseconds for
+    1 MiB, where a full search costs ~35 us with the GIL held, measurable
+    on the 1 MiB read benchmark); holes that small and unaligned are not
+    worth finding.  ``buf`` must be a bytearray or bytes (their
+    ``startswith`` is a memcmp; a memoryview compares byte by byte).
+    """
+    holes = []
+    find, starts = buf.find, buf.startswith
+    for probe in range(0, n, HOLE_PROBE):
+        if starts(_ZERO16, probe):
+            break
+    else:
+        return holes
+    pos = find(_ZERO_BLOCK, max(0, probe - HOLE_PROBE), n)
+    while pos != -1 and len(holes) < MAX_HOLES:
+        start = -(-pos // HOLE_BLOCK) * HOLE_BLOCK
+        end = start
+        step = HOLE_BLOCK
+        while step >= HOLE_BLOCK:               # gallop over the zeros, then narrow
+            if end + step <= n and starts(_ZERO[:step], end):
+                end += step
+                step = min(step * 2, 1 << 20)
+            else:
+                step //= 2
+        if end > start:
+            holes.append((start, end - start))
+            pos = find(_ZERO_BLOCK, end, n)
+        else:
+            pos = find(_ZERO_BLOCK, start, n)
+    return holes
 
 
 def block_status_chunk(cookie: int, context_id: int, extents, done: bool) -> bytes:

@@ -39,7 +39,7 @@ from pydm.bio import (Bio, DISCARD, FLUSH, READ, REQ_FUA, REQ_NOUNMAP, REQ_PREFL
 from pydm.errors import DMError, PydmError, nbd_error
 from pydm.lockdep import make_condition, make_lock
 from pydm.nbd import protocol as P
-from pydm.nbd.exports import HOLE_READ_MIN, Catalog, block_status, read_holes
+from pydm.nbd.exports import Catalog, block_status
 from pydm.nbd.transport import PlainTransport, TLSTransport, make_tls_context, set_nodelay
 
 log = logging.getLogger("pydm.nbd")
@@ -484,8 +484,8 @@ class Connection:
                 parts = [_simple(P.SIMPLE_REPLY_MAGIC, nbd_error(status), cookie)]
         elif self.structured:
             holes = None
-            if n >= HOLE_READ_MIN and not flags & P.CMD_FLAG_DF:
-                holes = read_holes(self.dev, offset, buf, n)
+            if n >= P.HOLE_READ_MIN and not flags & P.CMD_FLAG_DF:
+                holes = P.find_holes(buf, n)
             if holes:
                 parts = P.read_reply_parts(cookie, offset, bio.data, holes)
             else:

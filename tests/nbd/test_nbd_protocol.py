@@ -396,3 +396,35 @@ def test_block_status_chunk_encoding():
     [(flags, ctype, body)] = _chunks(raw)
     assert flags == P.REPLY_FLAG_DONE and ctype == P.REPLY_TYPE_BLOCK_STATUS
     assert body == struct.pack(">IIIII", 2, 4096, 3, 512, 0)
+
+
+K = 1024
+
+
+@pytest.mark.parametrize("layout,want", [
+    ([("d", 256)], []),
+    ([("z", 256)], [(0, 256 * K)]),
+    ([("d", 64), ("z", 128), ("d", 64)], [(64 * K, 128 * K)]),
+    ([("d", 62), ("z", 200), ("d", 58)], [(64 * K, 196 * K)]),    # unaligned zeros
+    ([("d", 10), ("z", 40), ("d", 14)], []),       # no 64 KiB probe point is zero
+])
+def test_find_holes(layout, want):
+    # layout in KiB: d = random nonzero data, z = zeros
+    import random
+    rnd = random.Random(3)
+    buf = bytearray()
+    for kind, kib in layout:
+        buf += bytes(kib * K) if kind == "z" else bytes(rnd.randrange(1, 256)
+                                                        for _ in range(kib * K))
+    holes = P.find_holes(buf, len(buf))
+    assert holes == want
+    for s, n in holes:
+        assert buf[s:s + n] == bytes(n) and s % 4096 == 0 and n % 4096 == 0
+
+
+def test_find_holes_limit():
+    many = bytearray()
+    for _ in range(100):
+        many += bytes(64 * K) + b"y" * (64 * K)
+    holes = P.find_holes(many, len(many))
+    assert len(holes) == P.MAX_HOLES and holes[1] == (128 * K, 64 * K)
