@@ -20,6 +20,33 @@ def register(sub):
     p.add_argument("--state-dir", metavar="DIR",
                    help="where the demo stack keeps its image files "
                         "(default: $XDG_DATA_HOME/pydm/demo)")
+    nbd = p.add_argument_group("NBD server")
+    nbd.add_argument("--listen", metavar="ADDR",
+                     help="TCP address to serve NBD on (default 127.0.0.1; 0.0.0.0 or :: "
+                          "for every interface, which wants --tls require)")
+    nbd.add_argument("--port", type=int, metavar="N",
+                     help="TCP port (default 10809; 0 picks a free one)")
+    nbd.add_argument("--unix", metavar="PATH",
+                     help="serve NBD on a Unix socket; alone, it replaces the TCP "
+                          "listener, with --listen/--port it is added to it")
+    nbd.add_argument("--no-nbd", action="store_true", help="do not serve NBD at all")
+    nbd.add_argument("--tls", choices=("off", "on", "require"), default="off",
+                     help="STARTTLS: off, on (offered) or require (every client must "
+                          "upgrade first); default off")
+    nbd.add_argument("--tls-certificates", metavar="DIR",
+                     help="directory with server-cert.pem, server-key.pem and "
+                          "optionally ca-cert.pem (client certificates are checked "
+                          "against it)")
+    nbd.add_argument("--tls-verify-peer", action="store_true",
+                     help="require a client certificate signed by ca-cert.pem")
+    nbd.add_argument("--export-default", metavar="NAME",
+                     help="device served to clients asking for the empty export name "
+                          "(default: the only device, when there is one)")
+    nbd.add_argument("--nbd-readonly", action="store_true",
+                     help="serve every export read-only")
+    nbd.add_argument("--nbd-workers", type=int, default=None, metavar="N",
+                     help="most worker threads per connection, for large requests and "
+                          "replies completed elsewhere (default 4)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.set_defaults(func=run)
     return p
@@ -38,6 +65,9 @@ def run(args):
     else:
         specs = demo.demo_specs(args.state_dir or demo.default_state_dir())
     daemon = Daemon(args.socket or default_socket_path())
+    nbd = None if args.no_nbd else nbd_service(daemon.control, args)
+    if nbd is not None:
+        daemon.add_service(nbd)
     daemon.create_devices(specs)
     try:
         daemon.start()
@@ -45,7 +75,32 @@ def run(args):
         daemon.control.shutdown()
         raise
     names = ", ".join(daemon.control.names()) or "none"
-    print(f"pydm: serving devices: {names}; control socket {daemon.socket_path} "
+    where = f"; NBD on {nbd.uri()}" if nbd is not None else ""
+    print(f"pydm: serving devices: {names}; control socket {daemon.socket_path}{where} "
           f"(pid {os.getpid()})", flush=True)
     daemon.run()
     return 0
+
+
+def nbd_listen_spec(args):
+    """The listener list from --listen/--port/--unix."""
+    from pydm.nbd.server import DEFAULT_PORT
+    out = []
+    tcp = args.unix is None or args.listen is not None or args.port is not None
+    if tcp:
+        host = args.listen or "127.0.0.1"
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        out.append(("tcp", host, DEFAULT_PORT if args.port is None else args.port))
+    if args.unix:
+        out.append(("unix", args.unix))
+    return out
+
+
+def nbd_service(control, args):
+    from pydm.nbd.server import DEFAULT_WORKERS, NBDServer
+    return NBDServer(control, nbd_listen_spec(args), tls=args.tls,
+                     tls_certificates=args.tls_certificates,
+                     tls_verify_peer=args.tls_verify_peer,
+                     default_export=args.export_default, readonly=args.nbd_readonly,
+                     workers=DEFAULT_WORKERS if args.nbd_workers is None else args.nbd_workers)

@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Benchmark pydm's NBD server against nbdkit (file plugin) and qemu-nbd.
+
+Method (shared/bench/README.md): one 256 MiB file of random data; pydm
+serves it through a linear device, nbdkit and qemu-nbd serve the same file;
+fio's nbd engine runs each job against each server in turn (servers
+alternate within every round), three rounds by default; the table shows the
+medians and the ratios to nbdkit and qemu-nbd.
+
+    .venv/bin/python tools/bench_nbd.py [--runs 3] [--runtime 4] [--dir DIR]
+
+Needs fio (with the nbd engine), nbdkit and qemu-nbd on PATH.  This is a
+benchmark, not a test: it prints numbers and the goals, it asserts nothing.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+JOBS = [  # (name, rw, bs, iodepth, metric)
+    ("read 1m QD4", "read", "1m", 4, "bw"),
+    ("write 1m QD4", "write", "1m", 4, "bw"),
+    ("randread 4k QD16", "randread", "4k", 16, "iops"),
+    ("randwrite 4k QD16", "randwrite", "4k", 16, "iops"),
+    ("randread 4k QD1", "randread", "4k", 1, "iops"),
+]
+# The issue's goals: pydm / nbdkit at least this (and ahead of qemu-nbd on
+# the first four jobs).
+GOALS = {"read 1m QD4": 0.8, "write 1m QD4": 0.8, "randread 4k QD16": 0.5,
+         "randwrite 4k QD16": 0.5}
+SIZE = 256 << 20
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, proc, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited early: {proc.args}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"server did not listen on {port}: {proc.args}")
+
+
+def make_image(path):
+    if os.path.exists(path) and os.path.getsize(path) == SIZE:
+        return
+    with open(path, "wb") as f:
+        left = SIZE
+        while left:
+            n = min(left, 8 << 20)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def start_servers(work, image, names, pydm_args):
+    servers = {}
+    if "pydm" in names:
+        port = free_port()
+        conf = os.path.join(work, "bench.toml")
+        with open(conf, "w") as f:
+            f.write('[[device]]\nname = "bench"\n'
+                    f'table = "0 {SIZE >> 9} linear {image} 0"\n')
+        cmd = [sys.executable, "-m", "pydm", "serve", conf, "--port", str(port),
+               "--socket", os.path.join(work, "ctl.sock"), *pydm_args]
+        servers["pydm"] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL), port, "bench")
+    if "nbdkit" in names:
+        port = free_port()
+        cmd = ["nbdkit", "-f", "-p", str(port), "-i", "127.0.0.1", "file", image]
+        servers["nbdkit"] = (subprocess.Popen(cmd), port, "")
+    if "qemu-nbd" in names:
+        port = free_port()
+        cmd = ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(port), "-t",
+               "-x", "", image]
+        # stderr off: the readiness probe makes qemu-nbd log a failed negotiation
+        servers["qemu-nbd"] = (subprocess.Popen(cmd, stderr=subprocess.DEVNULL), port, "")
+    for proc, port, _e in servers.values():
+        wait_port(port, proc)
+    return servers
+
+
+def run_fio(port, export, rw, bs, qd, runtime):
+    cmd = ["fio", "--name=b", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}/{export}",
+           f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", "--size=256m", "--time_based",
+           f"--runtime={runtime}", "--output-format=json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    data = json.loads(out[out.index("{"):])
+    job = data["jobs"][0]
+    side = job["write"] if "write" in rw else job["read"]
+    if job.get("error"):
+        raise SystemExit(f"fio error {job['error']} on port {port}")
+    return side["bw_bytes"], side["iops"]
+
+
+def fmt(metric, v):
+    return f"{v / 1e6:8.0f} MB/s" if metric == "bw" else f"{v / 1e3:8.1f}k IOPS"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runtime", type=int, default=4, help="seconds per fio run")
+    ap.add_argument("--dir", help="work directory (default: a fresh temporary one)")
+    ap.add_argument("--servers", default="pydm,nbdkit,qemu-nbd")
+    ap.add_argument("--jobs", help="comma-separated job numbers (1-5) to run")
+    ap.add_argument("--json", metavar="FILE", help="also write the raw samples here")
+    ap.add_argument("pydm_args", nargs="*", help="extra `pydm serve` options (after --)")
+    args = ap.parse_args()
+    for tool in ("fio", "nbdkit", "qemu-nbd"):
+        if shutil.which(tool) is None and tool.replace("fio", "") in args.servers + "fio":
+            raise SystemExit(f"{tool} is not installed (apt-get install fio nbdkit qemu-utils)")
+    names = [s for s in args.servers.split(",") if s]
+    jobs = JOBS if not args.jobs else [JOBS[int(i) - 1] for i in args.jobs.split(",")]
+    work = args.dir or tempfile.mkdtemp(prefix="pydm-bench-")
+    os.makedirs(work, exist_ok=True)
+    image = os.path.join(work, "disk.img")
+    make_image(image)
+    servers = start_servers(work, image, names, args.pydm_args)
+    samples = {(j[0], s): [] for j in jobs for s in names}
+    try:
+        for r in range(args.runs):
+            for j, (name, rw, bs, qd, metric) in enumerate(jobs):
+                order = names[(r + j) % len(names):] + names[:(r + j) % len(names)]
+                for s in order:
+                    _proc, port, export = servers[s]
+                    bw, iops = run_fio(port, export, rw, bs, qd, args.runtime)
+                    v = bw if metric == "bw" else iops
+                    samples[(name, s)].append(v)
+                    print(f"round {r + 1} {name:<18} {s:<9} {fmt(metric, v)}",
+                          file=sys.stderr, flush=True)
+    finally:
+        for proc, _p, _e in servers.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc, _p, _e in servers.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    head = f"{'job':<18}" + "".join(f"{s:>16}" for s in names)
+    if "pydm" in names and "nbdkit" in names:
+        head += f"{'pydm/nbdkit':>13}{'goal':>6}"
+    if "pydm" in names and "qemu-nbd" in names:
+        head += f"{'pydm/qemu-nbd':>15}"
+    print(f"medians of {args.runs} runs, {args.runtime} s each, 256 MiB random file, "
+          f"fio {subprocess.run(['fio', '--version'], capture_output=True, text=True).stdout.strip()}")
+    print(head)
+    for name, _rw, _bs, _qd, metric in jobs:
+        row = f"{name:<18}" + "".join(f"{fmt(metric, med[(name, s)]):>16}" for s in names)
+        if "pydm" in names and "nbdkit" in names:
+            ratio = med[(name, "pydm")] / med[(name, "nbdkit")]
+            goal = GOALS.get(name)
+            row += f"{ratio:>12.2f}x" + (f"{'>=' + str(goal):>6}" if goal else f"{'':>6}")
+        if "pydm" in names and "qemu-nbd" in names:
+            row += f"{med[(name, 'pydm')] / med[(name, 'qemu-nbd')]:>14.2f}x"
+        print(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({f"{k[0]}|{k[1]}": v for k, v in samples.items()}, f, indent=1)
+    if not args.dir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
