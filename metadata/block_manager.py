@@ -80,7 +80,7 @@ class BlockManager:
         self.store = store
         self.readonly = readonly
         self.nr_blocks = store.size // BLOCK_SIZE
-        self._cache = {}          # block -> bytes (validated, as on disk)
+        self._cache = {}          # block -> (bytes as on disk, validator it passed)
         self.reads = 0
         self.writes = 0
         self.flushes = 0
@@ -101,14 +101,18 @@ class BlockManager:
         return data
 
     def read(self, block: int, validator: Validator) -> bytes:
-        data = self._cache.get(block)
-        if data is not None:
-            return data
+        hit = self._cache.get(block)
+        if hit is not None:
+            if hit[1] is validator:
+                return hit[0]
+            # cached as another block type: a reference of the wrong kind
+            validator.check(hit[0], block)
+            return hit[0]
         data = self.read_raw(block)
         validator.check(data, block)
         if len(self._cache) >= self.CACHE_BLOCKS:
             self._cache.clear()
-        self._cache[block] = data
+        self._cache[block] = (data, validator)
         return data
 
     def write(self, block: int, data: bytearray, validator: Validator) -> None:
@@ -125,7 +129,7 @@ class BlockManager:
             raise MetadataError(f"cannot write metadata block {block}: {e.strerror or e}",
                                 e.errno or errno.EIO) from None
         self.writes += 1
-        self._cache[block] = buf
+        self._cache[block] = (buf, validator)
 
     def write_zeroes(self, block: int) -> None:
         self._check_range(block)

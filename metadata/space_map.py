@@ -160,6 +160,8 @@ class DiskSpaceMap(SpaceMap):
         self._fresh_index = False
         self._entries = [(0, 0)] * nbm      # (nr_free, none_free_before) per bitmap
         self.rc_info = None
+        # A new map writes every bitmap at its first commit, used or not.
+        self._touched.extend(range(0, self.nr_blocks, ENTRIES_PER_BITMAP))
 
     def attach(self, tm) -> None:
         self.rc_info = btree.BTreeInfo(tm, 4)
@@ -188,6 +190,7 @@ class DiskSpaceMap(SpaceMap):
             sm.overflow[key] = struct.unpack("<I", value)[0]
             sm.counts[key] = sm.overflow[key]
         sm.committed[:] = sm.counts
+        sm._touched = []
         sm.nr_allocated = int(np.count_nonzero(sm.counts))
         if sm.nr_allocated != nr_alloc:
             raise MetadataError(f"space map: {sm.nr_allocated} blocks in use but the root "

@@ -215,3 +215,22 @@ def test_space_map_extend_survives_commit_and_reopen(tmp_path):
     assert again.sm.nr_blocks == 20000 and again.metadata_usage() == md.metadata_usage()
     from pydm.metadata.era_check import check
     assert check(FileStore(str(path), readonly=True)) == (True, [])
+
+
+def test_format_with_several_bitmaps_reopens(tmp_path):
+    from pydm.metadata.era_check import check
+    from pydm.metadata.era_md import EraMetadata
+    path = tmp_path / "m.bin"
+    path.write_bytes(bytes(40000 * 4096))          # three bitmaps, two never used
+    EraMetadata.format(FileStore(str(path)), 8, 1000)
+    md = EraMetadata.open(FileStore(str(path), readonly=True), readonly=True)
+    assert md.sm.nr_blocks == 40000 and md.metadata_usage()[0] < 20
+    assert check(FileStore(str(path), readonly=True)) == (True, [])
+
+
+def test_a_block_cached_as_one_type_is_checked_as_another():
+    bm = BlockManager(MemStore(8 * 4096))
+    bm.write(2, bytearray(4096), SB_VALIDATOR)
+    from pydm.metadata.space_map import BITMAP_VALIDATOR
+    with pytest.raises(CorruptBlockError, match="block 2 .*space map bitmap"):
+        bm.read(2, BITMAP_VALIDATOR)
