@@ -148,6 +148,13 @@ class MappedDevice:
         with self.table_ref() as t:
             return ["base:allocation"] + ([] if t is None else t.contexts())
 
+    def accepts_context(self, name: str) -> bool:
+        """True if a target answers block status for ``name``, listed or not."""
+        if name == "base:allocation":
+            return True
+        with self.table_ref() as t:
+            return t is not None and any(x.accepts_context(name) for x in t.targets)
+
     def block_status(self, context: str, sector: int, nr_sectors: int):
         """[(nr_sectors, flags)] runs from ``sector``; may cover less than asked."""
         with self.table_ref() as t:

@@ -114,6 +114,9 @@ class Target:
     def contexts(self):
         return []
 
+    def accepts_context(self, name: str) -> bool:
+        return name in self.contexts()
+
     def block_status(self, context: str, sector: int, nr_sectors: int):
         return [(nr_sectors, 0)]
 

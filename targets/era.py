@@ -46,6 +46,7 @@ from pydm.errors import PydmError, TargetError
 from pydm.lockdep import make_condition
 from pydm.table import quote_arg
 from pydm.target import REMAPPED, STATUS_TABLE, SUBMITTED, Target, parse_uint
+from pydm.targets.linear import area_block_status
 
 log = logging.getLogger("pydm.era")
 
@@ -126,6 +127,7 @@ class EraTarget(Target):
         self._digest_pending = False
         self.generation = 0          # bumps on every mark/era change (cache key)
         self._status_cache = "Error"
+        self._dirty_cache = None
 
     # ------------------------------------------------------------- worker
     def _start_worker(self):
@@ -328,9 +330,9 @@ class EraTarget(Target):
             return None
         if cmd == "take_metadata_snap":
             with self._quiesce():
-                snap = self._call(self._take_snap)
+                self._call(self._take_snap)
             self.ctx.event()
-            return None if snap is None else None
+            return None
         if cmd == "drop_metadata_snap":
             self._call(self._drop_snap)
             self.ctx.event()
@@ -352,8 +354,10 @@ class EraTarget(Target):
         md = self.md
         if snapshot and md.snapshot_block is None:
             raise TargetError("no metadata snapshot taken", errno.EINVAL)
-        blocks = md.changed_since(since, include_current=not snapshot, snapshot=snapshot)
-        runs = _runs(blocks)
+        from pydm.metadata.era_xml import run_edges
+        begins, ends = run_edges(md.changed_since(since, include_current=not snapshot,
+                                                  snapshot=snapshot))
+        runs = [[b, e] for b, e in zip(begins, ends)]
         return {
             "uuid": md.uuid_text,
             "since": since,
@@ -387,68 +391,48 @@ class EraTarget(Target):
     def contexts(self):
         if self.md is None:
             return []
-        eras = self._call(lambda: self.md.known_eras())
+        eras = self._call(self._listed_eras)
         return [f"{CONTEXT_PREFIX}{e}" for e in eras]
 
+    def _listed_eras(self):
+        cur = self.md.current_era
+        return sorted({e for e in set(self.md.archived) | {1, cur - 1, cur} if 1 <= e <= cur})
+
     def accepts_context(self, name):
-        return _CONTEXT_RE.match(name) is not None
+        m = _CONTEXT_RE.match(name)
+        return m is not None and int(m.group(1)) < 1 << 32
 
     def block_status(self, context, sector, nr_sectors):
+        """Runs of dirty (1) / clean (0) from ``sector``: dirty = the era block
+        was written in era N or later, N from ``...era-since-N``."""
+        if context == "base:allocation":
+            return area_block_status(self.origin, context, sector - self.begin, nr_sectors)
         m = _CONTEXT_RE.match(context)
         if m is None or self.md is None:
             return [(nr_sectors, 0)]
-        since = int(m.group(1))
-        dirty = self._call(self._dirty_map, since)
-        rel = sector - self.begin
+        dirty = self._call(self._dirty_map, int(m.group(1)))
         bs = self.block_size
-        first = rel // bs
+        pos = sector - self.begin
+        end = pos + nr_sectors
         out = []
-        pos = rel
-        end = rel + nr_sectors
-        blk = first
         while pos < end:
+            blk = pos // bs
             state = dirty[blk]
-            # extend the run while the state holds
-            nxt = dirty.find(not state, blk) if blk < len(dirty) else -1
-            run_end_blk = len(dirty) if nxt < 0 else nxt
-            run_end = min(end, run_end_blk * bs)
-            out.append((run_end - pos, 1 if state else 0))
+            nxt = dirty.find(1 - state, blk)
+            run_end = end if nxt < 0 else min(end, nxt * bs)
+            out.append((run_end - pos, state))
             pos = run_end
-            blk = run_end_blk
         return out
 
     def _dirty_map(self, since):
-        key = (since, self.generation)
-        cached = getattr(self, "_dirty_cache", None)
+        key = (since, self.generation, self.md.current_era)
+        cached = self._dirty_cache
         if cached is not None and cached[0] == key:
             return cached[1]
-        arr = self.md.changed_since(since, include_current=True, snapshot=False)
-        bits = bitarray(len(arr))
-        bits.setall(0)
-        if len(arr):
-            bits = bitarray(arr.tolist()) if not isinstance(arr, bitarray) else arr
+        bits = bitarray(endian="little")
+        bits.pack(self.md.changed_since(since, include_current=True).tobytes())
         self._dirty_cache = (key, bits)
         return bits
-
-
-def _runs(blocks):
-    """[[begin, end), ...] runs of set entries of a bitarray or bool array."""
-    if not isinstance(blocks, bitarray):
-        b = bitarray(len(blocks))
-        b.setall(0)
-        for i in blocks.nonzero()[0].tolist():
-            b[i] = 1
-        blocks = b
-    out = []
-    i = blocks.find(1)
-    n = len(blocks)
-    while 0 <= i < n:
-        j = blocks.find(0, i)
-        if j < 0:
-            j = n
-        out.append([i, j])
-        i = blocks.find(1, j)
-    return out
 
 
 TARGET = EraTarget

@@ -13,7 +13,6 @@ from pydm.errors import DMError
 from pydm.nbd import protocol as P
 
 
-
 def export_flags(dev, force_readonly=False) -> int:
     """Transmission flags (without DF) for a device's live table."""
     flags = P.TF_HAS_FLAGS | P.TF_SEND_CACHE
@@ -78,7 +77,7 @@ class Catalog:
         if dev is None:
             return None
         return P.ExportInfo(dev.name, dev.size, export_flags(dev, self.readonly),
-                            describe(dev), dev.contexts())
+                            describe(dev), dev.contexts(), dev.accepts_context)
 
 
 def block_status(dev, context: str, offset: int, length: int, req_one: bool):

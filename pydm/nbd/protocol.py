@@ -164,14 +164,21 @@ class ExportInfo:
     the negotiation and is added by ``Session``.
     """
 
-    __slots__ = ("name", "size", "flags", "description", "contexts")
+    __slots__ = ("name", "size", "flags", "description", "contexts", "accepts")
 
-    def __init__(self, name, size, flags, description="", contexts=("base:allocation",)):
+    def __init__(self, name, size, flags, description="", contexts=("base:allocation",),
+                 accepts=None):
         self.name = name
         self.size = size
         self.flags = flags | TF_HAS_FLAGS
         self.description = description
         self.contexts = list(contexts)
+        # Optional fn(name) -> bool for contexts chosen by name but too many
+        # to list (era's "changed since era N" for every N).
+        self.accepts = accepts
+
+    def has_context(self, name: str) -> bool:
+        return name in self.contexts or (self.accepts is not None and self.accepts(name))
 
 
 class Session:
@@ -489,7 +496,7 @@ class ServerHandshake:
         if setting:
             chosen = []
             for q in queries:
-                if q in available and q not in chosen:
+                if q not in chosen and info.has_context(q):
                     chosen.append(q)
             for i, ctx in enumerate(chosen, 1):
                 parts.append(option_reply(opt, REP_META_CONTEXT,
