@@ -314,6 +314,7 @@ def test_fio_verify_multi_conn(served):
     r = run(["fio", "--name=v", "--ioengine=nbd", f"--uri={served.uri('disk')}",
              "--rw=randwrite", "--bs=4k", "--iodepth=16", "--numjobs=4", "--size=8m",
              "--offset_increment=12m", "--verify=crc32c", "--do_verify=1",
+             "--verify_state_save=0",
              "--group_reporting", "--output-format=json"])
     out = r.stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]

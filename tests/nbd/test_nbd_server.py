@@ -299,7 +299,9 @@ def test_pydm_serve_demo_and_dm_ls(tmp_path):
         with Client(("127.0.0.1", port), "demo") as c:
             c.pwrite(0, b"d" * 4096)
             ls = run([sys.executable, "-m", "pydm", "dm", "ls", "--socket", sock]).stdout
-            assert ls.startswith("demo\t(253:0)") and "clients: nbd 127.0.0.1:" in ls, ls
+            # the demo is era (demo) over a two-file linear device (demo-disk)
+            assert ls.startswith("demo\t(253:1)\tclients: nbd 127.0.0.1:"), ls
+            assert "demo-disk\t(253:0)\tclients: dm:demo" in ls, ls
             rm = run([sys.executable, "-m", "pydm", "dm", "remove", "demo", "--socket", sock],
                      check=False)
             assert rm.returncode == 1 and "Device or resource busy" in rm.stderr
