@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import NAMES, SINCE, era_check_real, fixture_path, real_tool
+from era_fixtures import NAMES, SINCE, era_check_real, fixture_path, real_tool
 from pydm.metadata import era_xml
 from pydm.metadata.era_check import check
 from pydm.metadata.era_md import EraMetadata

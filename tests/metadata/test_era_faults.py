@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import era_check_real, fixture_path
+from era_fixtures import era_check_real, fixture_path
 from pydm.errors import PydmError
 from pydm.metadata import era_xml
 from pydm.metadata.era_check import check

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import era_check_real
+from era_fixtures import era_check_real
 from pydm.metadata.block_manager import MetadataError
 from pydm.metadata.era_check import check
 from pydm.metadata.era_md import EraMetadata

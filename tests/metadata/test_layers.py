@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import fixture_path
+from era_fixtures import fixture_path
 from pydm.metadata import array, bitset, btree
 from pydm.metadata.block_manager import BlockManager, CorruptBlockError, MetadataError, checksum
 from pydm.metadata.era_md import SB_VALIDATOR

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from conftest import DISK_SIZE, MiB, need, run
+from nbd_support import DISK_SIZE, MiB, need, run
 from pydm.targets.linear import LinearTarget
 
 # nbdsh runs "python3 -mnbd" from PATH: it must find Debian's python3, which

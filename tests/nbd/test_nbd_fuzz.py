@@ -20,7 +20,7 @@ import struct
 import threading
 import time
 
-from conftest import MiB, make_disk
+from nbd_support import MiB, make_disk
 from nbdclient import Client
 from pydm.nbd import protocol as P
 
@@ -184,7 +184,7 @@ class Verifier(threading.Thread):
 
 
 def test_fuzz_live_server(tmp_path, capsys):
-    from conftest import start_server
+    from nbd_support import start_server
     from pydm.control import Control
     control = Control()
     fuzz_img = make_disk(tmp_path / "fuzz.img", FUZZ_SIZE)

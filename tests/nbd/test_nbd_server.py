@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import DISK_SIZE, MiB, need, run
+from nbd_support import DISK_SIZE, MiB, need, run
 from nbdclient import Client, NBDError, connect, greet, go_data, option, option_replies, recv_exact
 from pydm.nbd import protocol as P
 from pydm.nbd import server as S

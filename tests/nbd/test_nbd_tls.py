@@ -14,7 +14,7 @@ import ssl
 
 import pytest
 
-from conftest import DISK_SIZE, MiB, make_disk, need, run, start_server
+from nbd_support import DISK_SIZE, MiB, make_disk, need, run, start_server
 from nbdclient import Client, NBDError
 from pydm.control import Control
 from pydm.errors import PydmError
