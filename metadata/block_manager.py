@@ -131,6 +131,36 @@ class BlockManager:
         self.writes += 1
         self._cache[block] = (buf, validator)
 
+    def write_many(self, items) -> None:
+        """Seal and write [(block, data, validator)] in block order, one store
+        write per run of adjacent blocks: a commit's blocks are mostly
+        adjacent, and each system call is a GIL hand-off in a busy daemon."""
+        if self.readonly:
+            raise MetadataError("metadata is open read-only", errno.EROFS)
+        items = sorted(items, key=lambda it: it[0])
+        i = 0
+        while i < len(items):
+            j = i + 1
+            while j < len(items) and items[j][0] == items[j - 1][0] + 1:
+                j += 1
+            run = []
+            for block, data, validator in items[i:j]:
+                self._check_range(block)
+                validator.prepare(data, block)
+                run.append(bytes(data))
+            first = items[i][0]
+            try:
+                self.store.write_at(first * BLOCK_SIZE, run[0] if len(run) == 1 else b"".join(run))
+            except OSError as e:
+                for block, _d, _v in items[i:j]:
+                    self._cache.pop(block, None)
+                raise MetadataError(f"cannot write metadata blocks {first}-{items[j - 1][0]}: "
+                                    f"{e.strerror or e}", e.errno or errno.EIO) from None
+            for (block, _d, validator), buf in zip(items[i:j], run):
+                self._cache[block] = (buf, validator)
+            self.writes += j - i
+            i = j
+
     def write_zeroes(self, block: int) -> None:
         self._check_range(block)
         self.store.write_at(block * BLOCK_SIZE, bytes(BLOCK_SIZE))

@@ -30,6 +30,7 @@ from pydm.metadata.block_manager import BLOCK_SIZE, MetadataError, Validator
 ENTRIES_PER_BITMAP = (BLOCK_SIZE - 16) * 4        # 16320
 MAX_BITMAPS = 255
 MAX_METADATA_BLOCKS = MAX_BITMAPS * ENTRIES_PER_BITMAP
+ALLOC_BATCH = 256
 SM_ROOT_SIZE = 32
 
 BITMAP_VALIDATOR = Validator("space map bitmap", 240779)
@@ -55,6 +56,7 @@ class SpaceMap:
         self.nr_allocated = 0
         self._touched = []          # blocks whose count changed since the commit
         self._hint = 0
+        self._cand = []             # free blocks found by the last scan
 
     # -- counts ----------------------------------------------------------
     def get(self, b: int) -> int:
@@ -89,19 +91,30 @@ class SpaceMap:
 
     def alloc(self) -> int:
         """A block free now and at the last commit, with its count set to 1."""
+        counts, committed = self.counts, self.committed
+        cand = self._cand
+        while cand:                 # candidates of the last scan, lowest last
+            b = cand.pop()
+            if counts[b] == 0 and committed[b] == 0:
+                return self._take(b)
         n = self.nr_blocks
         for start, stop in ((self._hint, n), (0, self._hint)):
             pos = start
             while pos < stop:
                 end = min(stop, pos + 8192)
-                free = np.flatnonzero((self.counts[pos:end] == 0) & (self.committed[pos:end] == 0))
+                free = np.flatnonzero((counts[pos:end] == 0) & (committed[pos:end] == 0))
                 if len(free):
-                    b = pos + int(free[0])
-                    self._hint = b + 1
-                    self._set(b, 1)
-                    return b
+                    # one numpy scan serves the next allocations too (a
+                    # commit takes several); each is re-checked when popped
+                    self._cand = (pos + free[1:ALLOC_BATCH])[::-1].tolist()
+                    return self._take(pos + int(free[0]))
                 pos = end
         raise NoSpace(n)
+
+    def _take(self, b):
+        self._hint = b + 1
+        self._set(b, 1)
+        return b
 
     def extend(self, extra: int) -> None:
         new = min(self.nr_blocks + extra, MAX_METADATA_BLOCKS)
@@ -111,6 +124,7 @@ class SpaceMap:
         self.counts = np.concatenate([self.counts, np.zeros(grow, np.uint32)])
         self.committed = np.concatenate([self.committed, np.zeros(grow, np.uint32)])
         self.nr_blocks = new
+        self._cand = []
 
     def touched(self):
         return self._touched
@@ -119,7 +133,7 @@ class SpaceMap:
         if self._touched:
             idx = np.fromiter(set(self._touched), dtype=np.int64)
             self.committed[idx] = self.counts[idx]
-            self._hint = 0
+            self._hint = 0          # the next scan finds the blocks this commit freed
         self._touched = []
 
     def rollback(self) -> None:
@@ -129,6 +143,7 @@ class SpaceMap:
             self.counts[idx] = self.committed[idx]
             self.nr_allocated = int(np.count_nonzero(self.counts))
         self._touched = []
+        self._cand = []
 
 
 # -------------------------------------------------------------- bitmaps
@@ -159,6 +174,7 @@ class DiskSpaceMap(SpaceMap):
         self._fresh_bitmaps = set()
         self._fresh_index = False
         self._entries = [(0, 0)] * nbm      # (nr_free, none_free_before) per bitmap
+        self._bitmaps = {}                  # bitmap index -> its last written body
         self.rc_info = None
         # A new map writes every bitmap at its first commit, used or not.
         self._touched.extend(range(0, self.nr_blocks, ENTRIES_PER_BITMAP))
@@ -204,8 +220,10 @@ class DiskSpaceMap(SpaceMap):
         if not self._touched:
             return self.root_bytes()
         processed = 0
+        changed = set()
         while True:
             new = sorted(set(self._touched[processed:]))
+            changed.update(new)
             processed = len(self._touched)
             for b in new:
                 want = int(self.counts[b])
@@ -239,13 +257,36 @@ class DiskSpaceMap(SpaceMap):
             if i in self._fresh_bitmaps:
                 lo = i * ENTRIES_PER_BITMAP
                 part = self.counts[lo:min(lo + ENTRIES_PER_BITMAP, self.nr_blocks)]
-                tm.put_block(loc, bytearray(16) + encode_bitmap(part), BITMAP_VALIDATOR)
-                free = np.flatnonzero(part == 0)
-                self._entries[i] = (len(free), int(free[0]) if len(free) else len(part))
+                tm.put_block(loc, self._bitmap_block(i, part, changed), BITMAP_VALIDATOR)
+                nf = len(part) - int(np.count_nonzero(part))
+                self._entries[i] = (nf, int(np.argmin(part != 0)) if nf else len(part))
             nf, nfb = self._entries[i]
             _INDEX_ENTRY.pack_into(index, 16 + i * 16, loc, nf, nfb)
         tm.put_block(self.index_loc, index, INDEX_VALIDATOR)
         return self.root_bytes()
+
+    def _bitmap_block(self, i, part, changed):
+        """Bitmap block ``i`` (16-byte header space + entries); a bitmap
+        encoded before is patched at the entries that changed, which costs
+        far less than encoding 16320 entries for the few a commit touches."""
+        body = self._bitmaps.get(i)
+        lo = i * ENTRIES_PER_BITMAP
+        if body is None:
+            body = bytearray(16) + encode_bitmap(part)
+            self._bitmaps[i] = body
+        else:
+            for b in changed:
+                j = b - lo
+                if 0 <= j < len(part):
+                    v = min(int(part[j]), 3)
+                    shift = 2 * (j & 3)
+                    k = 16 + (j >> 2)
+                    body[k] = (body[k] & ~(3 << shift)) | ((((v & 1) << 1) | (v >> 1)) << shift)
+        return bytearray(body)
+
+    def rollback(self) -> None:
+        super().rollback()
+        self._bitmaps = {}
 
     def root_bytes(self) -> bytes:
         return _ROOT.pack(self.nr_blocks, self.nr_allocated, self.index_loc, self.ref_root)

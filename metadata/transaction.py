@@ -80,11 +80,9 @@ class TransactionManager:
             if sm_root_setter is not None:
                 sm_root_setter(superblock, root)
         bm = self.bm
-        for b in sorted(self.dirty):
-            if b == 0 or self.sm.get(b) == 0:
-                continue            # block 0 goes last; freed blocks are not written
-            buf, validator = self.dirty[b]
-            bm.write(b, buf, validator)
+        bm.write_many([(b, buf, validator) for b, (buf, validator) in self.dirty.items()
+                       # block 0 goes last; freed blocks are not written
+                       if b != 0 and self.sm.get(b) != 0])
         bm.flush()
         bm.write(0, superblock, sb_validator)
         bm.flush()
