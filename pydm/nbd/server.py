@@ -21,7 +21,8 @@ Rules of this module:
   over the bound flushes its batch and waits.
 * Locks (all leaves, made by ``pydm.lockdep``): ``nbd.conn.write``
   serialises messages on one socket (then ``nbd.conn.tls`` inside it);
-  ``nbd.conn.mem`` guards the in-flight counters; ``nbd.server`` the
+  ``nbd.conn.mem`` guards the in-flight counters; ``nbd.conn.foreign`` the
+  replies completed on foreign threads; ``nbd.server`` the
   connection set.  None is held while calling into a device.
 * Malformed input: the spec's error reply, or for MUST violations a
   disconnect, logged once per event with the peer's address.
@@ -126,6 +127,9 @@ class Connection:
         self.pending = []
         self.pending_rel = []
         self.pending_bytes = 0
+        self.flock = make_lock("nbd.conn.foreign")
+        self.foreign = []           # replies completed on foreign threads
+        self.foreign_rel = []
         self.batching = False
         self.reader_ident = None
         self.worker_idents = set()
@@ -532,7 +536,14 @@ class Connection:
                     self._flush_pending()
                 return
         elif ident not in self.worker_idents:
-            self._hand_off((self._send_job, (parts, buf, n)))
+            # Completions on a foreign thread come in bursts (an era commit
+            # releases a batch): one worker job sends the whole burst.
+            with self.flock:
+                self.foreign += parts
+                self.foreign_rel.append((buf, n))
+                first = len(self.foreign_rel) == 1
+            if first:
+                self._hand_off((self._send_foreign, None))
             return
         self._send_job((parts, buf, n))
 
@@ -546,6 +557,12 @@ class Connection:
         finally:
             self._release(buf, n)
 
+    def _send_foreign(self, _arg):
+        with self.flock:
+            parts, rel = self.foreign, self.foreign_rel
+            self.foreign, self.foreign_rel = [], []
+        self._send_batch(parts, rel)
+
     def _flush_pending(self):
         parts = self.pending
         if not parts:
@@ -554,9 +571,13 @@ class Connection:
         self.pending = []
         self.pending_rel = []
         self.pending_bytes = 0
+        self._send_batch(parts, rel)
+
+    def _send_batch(self, parts, rel):
         try:
-            if not self.closed:
-                self._send_now(parts)
+            for i in range(0, len(parts), BATCH_PARTS):     # sendmsg takes <= IOV_MAX
+                if not self.closed:
+                    self._send_now(parts[i:i + BATCH_PARTS])
         except OSError as e:
             self._send_failed(e)
         finally:
