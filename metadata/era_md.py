@@ -278,6 +278,21 @@ class EraMetadata:
         self._ws_dirty.add(block // bitset.BITS_PER_BLOCK)
         return True
 
+    def mark_range(self, first: int, end: int) -> None:
+        """Set blocks [first, end) in the current writeset."""
+        bits = self.current_bits
+        if bits is None:
+            raise MetadataError("no current writeset (the device has not been resumed)",
+                                errno.EINVAL)
+        if not 0 <= first < end <= self.sb.ws_nr_bits:
+            raise MetadataError(f"blocks {first}-{end - 1} outside the current writeset "
+                                f"({self.sb.ws_nr_bits} bits)", errno.EINVAL)
+        if bits.find(0, first, end) < 0:
+            return
+        bits[first:end] = 1
+        per = bitset.BITS_PER_BLOCK
+        self._ws_dirty.update(range(first // per, (end - 1) // per + 1))
+
     def _flush_writeset(self):
         if self._ws_dirty:
             self.sb.ws_root = bitset.write_blocks(self.bs_info, self.sb.ws_root,

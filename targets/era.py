@@ -112,8 +112,8 @@ class EraTarget(Target):
             raise TargetError(f"metadata {args[0]}: {e}", e.errno) from None
         except OSError as e:
             raise TargetError(f"metadata {args[0]}: {e.strerror}", e.errno) from None
-        self.max_io_len = self.block_size
-        self.split_discard_bios = True
+        # Unlike the kernel, no split at era block boundaries: map() marks
+        # every block a bio covers, so a 1 MiB write stays one bio.
         self.num_discard_bios = 1 if self.origin.supports_discard else 0
         self.num_write_zeroes_bios = 1 if self.origin.supports_write_zeroes else 0
         self.flush_supported = True
@@ -186,27 +186,22 @@ class EraTarget(Target):
 
     def _process_writes(self, bios):
         md = self.md
-        new = []
-        seen = set()
-        for b in bios:
-            blk = b.private
-            if not self.committed[blk] and blk not in seen:
-                seen.add(blk)
-                new.append(blk)
+        committed = self.committed
+        new = [b.private for b in bios if committed.find(0, *b.private) >= 0]
         if new:
             try:
                 if self.failed:
                     raise OSError(errno.EIO, self.failed)
-                for blk in new:
-                    md.mark(blk)
+                for first, end in new:
+                    md.mark_range(first, end)
                 md.commit()
             except Exception as e:
                 self._fail(f"metadata commit failed: {e}")
                 for b in bios:
                     b.complete(errno.EIO)
                 return
-            for blk in new:
-                self.committed[blk] = 1
+            for first, end in new:
+                committed[first:end] = 1
             self.generation += 1
         origin = self.origin
         for b in bios:
@@ -242,15 +237,16 @@ class EraTarget(Target):
         bio.sector = rel
         if bio.op == READ:
             return REMAPPED
-        blk = rel // self.block_size
-        if self.committed[blk]:
+        first = rel // self.block_size
+        end = (rel + bio.nr_sectors - 1) // self.block_size + 1
+        if self.committed.find(0, first, end) < 0:
             return REMAPPED
-        bio.private = blk
+        bio.private = (first, end)
         with self._cond:
             self._deferred.append(bio)
             self._cond.notify()
         if trace.ENABLED:
-            trace.emit("era_defer", dev=self.ctx.device.name, block=blk)
+            trace.emit("era_defer", dev=self.ctx.device.name, block=first, blocks=end - first)
         return SUBMITTED
 
     # ----------------------------------------------------- metadata steps

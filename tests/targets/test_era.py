@@ -108,9 +108,18 @@ def test_fresh_device_runs_at_era_1_and_tracks_writes(env):
     assert write_block(dev, 3) == 0
     assert changed(c, "e", 2)[0] == {3, 7}
     assert changed(c, "e", 1)[0] == {3, 4, 7, 100}
-    # a write spanning two era blocks is split and marks both
+    # a write spanning two era blocks marks both
     assert do_io(dev, WRITE, 20 * BS + 4, data=b"s" * 4096)[0] == 0
     assert changed(c, "e", 2)[0] == {3, 7, 20, 21}
+    # one bio over ten blocks, two of them already marked, stays one bio
+    # and marks all ten in one commit
+    t = dev.live.targets[0]
+    gen = t.generation
+    assert do_io(dev, WRITE, 19 * BS, data=b"m" * (10 * BS * 512))[0] == 0
+    assert t.generation == gen + 1
+    assert changed(c, "e", 2)[0] == {3, 7} | set(range(19, 29))
+    assert do_io(dev, WRITE, 19 * BS, data=b"n" * (10 * BS * 512))[0] == 0
+    assert t.generation == gen + 1          # all marked: no commit
     with open(tmp / "origin.img", "rb") as f:
         f.seek(100 * BS * 512)
         assert f.read(4096) == b"w" * 4096
