@@ -17,13 +17,11 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
+
+from nbdbench import fio_version, fmt, free_port, make_image, run_fio, start_pydm, stop, wait_port
 
 JOBS = [  # (name, rw, bs, iodepth, metric)
     ("read 1m QD4", "read", "1m", 4, "bw"),
@@ -39,49 +37,13 @@ GOALS = {"read 1m QD4": 0.8, "write 1m QD4": 0.8, "randread 4k QD16": 0.5,
 SIZE = 256 << 20
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def wait_port(port, proc, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited early: {proc.args}")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"server did not listen on {port}: {proc.args}")
-
-
-def make_image(path):
-    if os.path.exists(path) and os.path.getsize(path) == SIZE:
-        return
-    with open(path, "wb") as f:
-        left = SIZE
-        while left:
-            n = min(left, 8 << 20)
-            f.write(os.urandom(n))
-            left -= n
-
-
 def start_servers(work, image, names, pydm_args):
     servers = {}
     if "pydm" in names:
         port = free_port()
-        conf = os.path.join(work, "bench.toml")
-        with open(conf, "w") as f:
-            f.write('[[device]]\nname = "bench"\n'
-                    f'table = "0 {SIZE >> 9} linear {image} 0"\n')
-        cmd = [sys.executable, "-m", "pydm", "serve", conf, "--port", str(port),
-               "--socket", os.path.join(work, "ctl.sock"), *pydm_args]
-        servers["pydm"] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL), port, "bench")
+        proc, _sock = start_pydm(work, [("bench", f"0 {SIZE >> 9} linear {image} 0")], port,
+                                 pydm_args)
+        servers["pydm"] = (proc, port, "bench")
     if "nbdkit" in names:
         port = free_port()
         cmd = ["nbdkit", "-f", "-p", str(port), "-i", "127.0.0.1", "file", image]
@@ -95,23 +57,6 @@ def start_servers(work, image, names, pydm_args):
     for proc, port, _e in servers.values():
         wait_port(port, proc)
     return servers
-
-
-def run_fio(port, export, rw, bs, qd, runtime):
-    cmd = ["fio", "--name=b", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}/{export}",
-           f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", "--size=256m", "--time_based",
-           f"--runtime={runtime}", "--output-format=json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    data = json.loads(out[out.index("{"):])
-    job = data["jobs"][0]
-    side = job["write"] if "write" in rw else job["read"]
-    if job.get("error"):
-        raise SystemExit(f"fio error {job['error']} on port {port}")
-    return side["bw_bytes"], side["iops"]
-
-
-def fmt(metric, v):
-    return f"{v / 1e6:8.0f} MB/s" if metric == "bw" else f"{v / 1e3:8.1f}k IOPS"
 
 
 def main():
@@ -132,7 +77,7 @@ def main():
     work = args.dir or tempfile.mkdtemp(prefix="pydm-bench-")
     os.makedirs(work, exist_ok=True)
     image = os.path.join(work, "disk.img")
-    make_image(image)
+    make_image(image, SIZE)
     servers = start_servers(work, image, names, args.pydm_args)
     samples = {(j[0], s): [] for j in jobs for s in names}
     try:
@@ -141,19 +86,14 @@ def main():
                 order = names[(r + j) % len(names):] + names[:(r + j) % len(names)]
                 for s in order:
                     _proc, port, export = servers[s]
-                    bw, iops = run_fio(port, export, rw, bs, qd, args.runtime)
+                    bw, iops = run_fio(f"nbd://127.0.0.1:{port}/{export}", rw, bs, qd,
+                                       args.runtime)
                     v = bw if metric == "bw" else iops
                     samples[(name, s)].append(v)
                     print(f"round {r + 1} {name:<18} {s:<9} {fmt(metric, v)}",
                           file=sys.stderr, flush=True)
     finally:
-        for proc, _p, _e in servers.values():
-            proc.send_signal(signal.SIGTERM)
-        for proc, _p, _e in servers.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop([proc for proc, _p, _e in servers.values()])
     med = {k: statistics.median(v) for k, v in samples.items()}
     head = f"{'job':<18}" + "".join(f"{s:>16}" for s in names)
     if "pydm" in names and "nbdkit" in names:
@@ -161,7 +101,7 @@ def main():
     if "pydm" in names and "qemu-nbd" in names:
         head += f"{'pydm/qemu-nbd':>15}"
     print(f"medians of {args.runs} runs, {args.runtime} s each, 256 MiB random file, "
-          f"fio {subprocess.run(['fio', '--version'], capture_output=True, text=True).stdout.strip()}")
+          f"{fio_version()}")
     print(head)
     for name, _rw, _bs, _qd, metric in jobs:
         row = f"{name:<18}" + "".join(f"{fmt(metric, med[(name, s)]):>16}" for s in names)

@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Era tracking overhead: fio over NBD through era vs. linear on the same file.
+
+One `pydm serve` holds two devices over one 256 MiB file of random data:
+``lin`` (linear) and ``era`` (era, metadata in its own file).  For each job
+and round, each device runs two phases, the devices alternating:
+
+* first:  `pydm era checkpoint era` (a new era: nothing is marked), then one
+  pass over the whole device, so with the default 8-sector (4 KiB) era block
+  every 4 KiB random write and every 1 MiB write waits for a metadata commit;
+* marked: a time-based run right after, when every block is marked in the
+  current era and writes go straight through.
+
+linear runs the same fio jobs (its "first" needs no checkpoint).  The table
+shows medians and era/linear; the issue's goals are >= 0.8 marked, >= 0.5 first.
+
+    .venv/bin/python tools/bench_era.py [--runs 3] [--runtime 4] [--block-size 8]
+
+A benchmark, not a test: it prints numbers and the goals, it asserts nothing.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from nbdbench import fio_version, fmt, free_port, make_image, run_fio, start_pydm, stop
+
+SIZE = 256 << 20
+META_SIZE = 32 << 20
+JOBS = [  # (name, rw, bs, iodepth, metric)
+    ("randwrite 4k QD16", "randwrite", "4k", 16, "iops"),
+    ("write 1m QD4", "write", "1m", 4, "bw"),
+]
+GOALS = {"marked": 0.8, "first": 0.5}
+
+
+def checkpoint(sock):
+    subprocess.run([sys.executable, "-m", "pydm", "era", "checkpoint", "era", "--socket", sock],
+                   check=True, capture_output=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runtime", type=int, default=4, help="seconds per marked run")
+    ap.add_argument("--block-size", type=int, default=8, help="era block size in sectors")
+    ap.add_argument("--dir", help="work directory (default: a fresh temporary one)")
+    args = ap.parse_args()
+    if shutil.which("fio") is None:
+        raise SystemExit("fio is not installed (apt-get install fio)")
+    work = args.dir or tempfile.mkdtemp(prefix="pydm-bench-era-")
+    os.makedirs(work, exist_ok=True)
+    image = os.path.join(work, "disk.img")
+    meta = os.path.join(work, "meta.img")
+    make_image(image, SIZE)
+    with open(meta, "wb") as f:      # blank: era formats it at first load
+        f.truncate(META_SIZE)
+    sectors = SIZE >> 9
+    port = free_port()
+    proc, sock = start_pydm(work, [("lin", f"0 {sectors} linear {image} 0"),
+                                   ("era", f"0 {sectors} era {meta} {image} {args.block_size}")],
+                            port)
+    names = ["lin", "era"]
+    samples = {}
+    try:
+        for r in range(args.runs):
+            for j, (name, rw, bs, qd, metric) in enumerate(JOBS):
+                order = names if (r + j) % 2 == 0 else names[::-1]
+                for dev in order:
+                    uri = f"nbd://127.0.0.1:{port}/{dev}"
+                    for phase in ("first", "marked"):
+                        if dev == "era" and phase == "first":
+                            checkpoint(sock)
+                        bw, iops = run_fio(uri, rw, bs, qd,
+                                           None if phase == "first" else args.runtime)
+                        v = bw if metric == "bw" else iops
+                        samples.setdefault((name, phase, dev), []).append(v)
+                        print(f"round {r + 1} {name:<18} {phase:<7} {dev:<4} {fmt(metric, v)}",
+                              file=sys.stderr, flush=True)
+    finally:
+        stop([proc])
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    print(f"medians of {args.runs} runs; era block {args.block_size} sectors; "
+          f"256 MiB random file; {fio_version()}")
+    print(f"{'job':<18}{'phase':<8}{'linear':>16}{'era':>16}{'era/linear':>12}{'goal':>7}")
+    for name, _rw, _bs, _qd, metric in JOBS:
+        for phase in ("first", "marked"):
+            lin, era = med[(name, phase, "lin")], med[(name, phase, "era")]
+            print(f"{name:<18}{phase:<8}{fmt(metric, lin):>16}{fmt(metric, era):>16}"
+                  f"{era / lin:>11.2f}x{'>=' + str(GOALS[phase]):>7}")
+    if not args.dir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Shared pieces of the fio-over-NBD benchmarks in tools/ (not a test module).
+
+fio's nbd engine prints "fio: connected to NBD server" before its JSON, so
+the JSON is parsed from the first "{" (shared/bench/README.md).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, proc, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited early: {proc.args}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"server did not listen on {port}: {proc.args}")
+
+
+def make_image(path, size):
+    """A file of random data (no holes), reused when it already has the size."""
+    if os.path.exists(path) and os.path.getsize(path) == size:
+        return
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 8 << 20)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def start_pydm(work, devices, port, extra=()):
+    """`pydm serve` on 127.0.0.1:port with ``devices`` = [(name, table line)]."""
+    conf = os.path.join(work, "bench.toml")
+    with open(conf, "w") as f:
+        for name, table in devices:
+            f.write(f'[[device]]\nname = "{name}"\ntable = "{table}"\n')
+    sock = os.path.join(work, "ctl.sock")
+    cmd = [sys.executable, "-m", "pydm", "serve", conf, "--port", str(port),
+           "--socket", sock, *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    wait_port(port, proc)
+    return proc, sock
+
+
+def stop(procs):
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run_fio(uri, rw, bs, qd, runtime=None, size="256m"):
+    """One fio nbd-engine job; returns (bytes/s, IOPS) of its read or write side.
+    ``runtime`` None: one pass over ``size`` (each block once for random jobs)."""
+    cmd = ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
+           f"--bs={bs}", f"--iodepth={qd}", f"--size={size}", "--output-format=json"]
+    if runtime:
+        cmd += ["--time_based", f"--runtime={runtime}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    if job.get("error"):
+        raise SystemExit(f"fio error {job['error']} on {uri}")
+    side = job["write"] if "write" in rw else job["read"]
+    return side["bw_bytes"], side["iops"]
+
+
+def fio_version():
+    return subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip()
+
+
+def fmt(metric, v):
+    return f"{v / 1e6:8.0f} MB/s" if metric == "bw" else f"{v / 1e3:8.1f}k IOPS"
