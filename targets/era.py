@@ -53,6 +53,8 @@ log = logging.getLogger("pydm.era")
 METADATA_BLOCK_SECTORS = 8
 MAX_BLOCKS = 1 << 31
 CONTEXT_PREFIX = "qemu:dirty-bitmap:era-since-"
+# Group commit: at most this long (s) for the writers of the last batch.
+GROUP_WAIT = 0.0003
 _CONTEXT_RE = re.compile(r"^qemu:dirty-bitmap:era-since-(\d{1,10})$")
 
 
@@ -125,6 +127,7 @@ class EraTarget(Target):
         self._calls = []
         self._stop = False
         self._digest_pending = False
+        self._last_batch = 0
         self.generation = 0          # bumps on every mark/era change (cache key)
         self._status_cache = "Error"
         self._dirty_cache = None
@@ -153,7 +156,15 @@ class EraTarget(Target):
                 while not (self._deferred or self._calls or self._stop
                            or self._digest_pending):
                     cond.wait()
+                if self._deferred and self._last_batch > 1 and GROUP_WAIT:
+                    # Group commit: the writers released by the last commit
+                    # usually send their next write within a round trip;
+                    # waiting briefly for them makes one commit serve all.
+                    want = len(self._deferred) + self._last_batch
+                    cond.wait_for(lambda: len(self._deferred) >= want or self._calls
+                                  or self._stop, GROUP_WAIT)
                 bios, self._deferred = self._deferred, []
+                self._last_batch = len(bios)
                 calls, self._calls = self._calls, []
                 stop = self._stop
             if bios:
