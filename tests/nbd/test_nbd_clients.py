@@ -11,9 +11,9 @@ import random
 import subprocess
 import textwrap
 
-import pytest
 
-from nbd_support import DISK_SIZE, MiB, need, run
+from nbd_support import DISK_SIZE, MiB, need, run, start_server
+from pydm.control import Control
 from pydm.targets.linear import LinearTarget
 
 # nbdsh runs "python3 -mnbd" from PATH: it must find Debian's python3, which
@@ -306,6 +306,32 @@ def test_qemu_io_patterns(served):
     ro = run(["qemu-io", "-f", "raw", "-r", served.uri("ro"), "-c", "read 0 64k",
               "-c", "write -P 1 0 4k"], check=False)
     assert "read 65536/65536" in ro.stdout and "read-only" in ro.stderr
+
+
+def test_qemu_io_full_disk_gets_enospc_and_device_stays_usable(small_fs, tmp_path):
+    """A store on a full filesystem: the client sees ENOSPC for the write
+    that does not fit, earlier data stays, and the device keeps serving."""
+    need("qemu-io")
+    control = Control()
+    img = small_fs / "sparse.img"
+    with open(img, "wb") as f:
+        f.truncate(4 * MiB)                     # 4 MiB sparse on a 1 MiB tmpfs
+    control.create("full", f"0 {(4 * MiB) >> 9} linear {img} 0")
+    s = start_server(control, str(tmp_path))
+    try:
+        uri = s.uri("full")
+        r = run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x61 0 64k",
+                 "-c", "write -P 0x62 1M 2M"], check=False)
+        text = r.stdout + r.stderr
+        assert "wrote 65536/65536" in text, text
+        assert "write failed: No space left on device" in text, text
+        assert r.returncode != 0 and "Traceback" not in text
+        r = run(["qemu-io", "-f", "raw", "-r", uri, "-c", "read -P 0x61 0 64k"])
+        assert "read 65536/65536" in r.stdout, r.stdout + r.stderr
+        assert control.get("full").state == "ACTIVE"
+    finally:
+        s.server.stop()
+        control.shutdown()
 
 
 # --------------------------------------------------------------------- fio
