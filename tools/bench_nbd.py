@@ -19,6 +19,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 
 from nbdbench import fio_version, fmt, free_port, make_image, run_fio, start_pydm, stop, wait_port

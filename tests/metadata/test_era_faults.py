@@ -2,7 +2,6 @@
 (every used block, byte flips) of era metadata."""
 
 import io
-import os
 import random
 import shutil
 

@@ -2,7 +2,6 @@
 memory bounds, holders and the ``pydm serve`` command."""
 
 import logging
-import os
 import signal
 import socket
 import struct
@@ -14,7 +13,7 @@ import time
 import pytest
 
 from nbd_support import DISK_SIZE, MiB, need, run
-from nbdclient import Client, NBDError, connect, greet, go_data, option, option_replies, recv_exact
+from nbdclient import Client, NBDError, connect, greet, go_data, option, option_replies
 from pydm.nbd import protocol as P
 from pydm.nbd import server as S
 
