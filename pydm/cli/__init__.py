@@ -24,7 +24,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only=None) -> argparse.ArgumentParser:
+    """The full parser, or with ``only`` just that group's commands: a
+    command line names its group first, and importing the other groups
+    (sockets, the daemon) would cost a one-shot tool like
+    ``pydm era invalidate`` a good part of its run time."""
     parser = _Parser(
         prog="pydm",
         description="pydm: a userspace device-mapper served over NBD.",
@@ -32,12 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pydm {__version__}")
     sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     for name in GROUPS:
-        importlib.import_module(f"pydm.cli.{name}").register(sub)
+        if only is None or name == only:
+            importlib.import_module(f"pydm.cli.{name}").register(sub)
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv[0] if argv and argv[0] in GROUPS else None)
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)

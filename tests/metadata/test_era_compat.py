@@ -5,10 +5,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from era_fixtures import NAMES, SINCE, era_check_real, fixture_path, real_tool
 from pydm.metadata import era_xml
+from pydm.metadata.blocks_xml import blocks_xml
 from pydm.metadata.era_check import check
 from pydm.metadata.era_md import EraMetadata
 from pydm.store import FileStore
@@ -133,3 +136,14 @@ def test_restore_contract(tmp_path):
     bad.write_text("<superblock uuid='' block_size='8'")
     r = pydm("era", "restore", "-i", bad, "-o", tmp_path / "x.bin")
     assert r.returncode == 1 and "not valid XML" in r.stderr and "Traceback" not in r.stderr
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.booleans(), max_size=300))
+def test_offline_and_live_blocks_xml_are_the_same_text(bits):
+    """The offline writer (numpy, one format string) and the live CLI's
+    (no numpy, line by line) must print identical <blocks> lists."""
+    mask = np.array(bits, dtype=bool)
+    out = io.StringIO()
+    era_xml.write_blocks_xml(out, mask)
+    assert out.getvalue() == blocks_xml(*era_xml.run_edges(mask))
