@@ -35,8 +35,8 @@ import queue
 import socket
 import threading
 
-from pydm.bio import (Bio, DISCARD, FLUSH, READ, REQ_FUA, REQ_NOUNMAP, REQ_PREFLUSH,
-                      WRITE, WRITE_ZEROES)
+from pydm.bio import (Bio, DISCARD, FLUSH, READ, REQ_FUA, REQ_NOCOPY, REQ_NOUNMAP,
+                      REQ_PREFLUSH, WRITE, WRITE_ZEROES, release_refs)
 from pydm.errors import DMError, PydmError, nbd_error
 from pydm.lockdep import make_condition, make_lock
 from pydm.nbd import protocol as P
@@ -322,6 +322,9 @@ class Connection:
         self.work = queue.SimpleQueue()
         self._add_worker()
         self.batching = True
+        # Large reads may be answered from the file by reference and sent
+        # with sendfile (one copy instead of pread + send); not through TLS.
+        self.nocopy = 0 if self.transport.tls else REQ_NOCOPY
         self._serve()
 
     def _add_worker(self):
@@ -392,7 +395,8 @@ class Connection:
                 buf = pool.get(length)
                 view = memoryview(buf)[:length]
                 if cmd == P.CMD_READ:
-                    bio = Bio(READ, offset >> 9, length >> 9, view, 0, read_done,
+                    bio = Bio(READ, offset >> 9, length >> 9, view,
+                              self.nocopy if length > INLINE_MAX else 0, read_done,
                               (cookie, offset, buf, length, flags))
                 else:
                     try:
@@ -480,6 +484,8 @@ class Connection:
     def _read_done(self, bio):
         cookie, offset, buf, n, flags = bio.private
         status = bio.status
+        ref = bio.ref                           # a FileRange for a by-reference read
+        data = bio.data if ref is None else ref
         if status:
             self._count_error(bio)
             if self.structured:
@@ -489,15 +495,18 @@ class Connection:
         elif self.structured:
             holes = None
             if n >= P.HOLE_READ_MIN and not flags & P.CMD_FLAG_DF:
-                holes = P.find_holes(buf, n)
+                # by content when we hold the data, else the file's own holes
+                holes = P.find_holes(buf, n) if ref is None else ref.hole_runs()[:P.MAX_HOLES]
             if holes:
-                parts = P.read_reply_parts(cookie, offset, bio.data, holes)
+                parts = P.read_reply_parts(cookie, offset, data, holes)
             else:
                 parts = [_data_header(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
                                       P.REPLY_TYPE_OFFSET_DATA, cookie, n + 8, offset),
-                         bio.data]
+                         data]
         else:
-            parts = [_simple(P.SIMPLE_REPLY_MAGIC, 0, cookie), bio.data]
+            parts = [_simple(P.SIMPLE_REPLY_MAGIC, 0, cookie), data]
+        if ref is not None and not any(p is ref for p in parts):
+            ref.release()                       # sliced into parts, or an error reply
         self._reply(parts, buf, n)
 
     def _simple_done(self, bio):
@@ -524,6 +533,7 @@ class Connection:
     # ---------------------------------------------------------- sending
     def _reply(self, parts, buf, n):
         if self.closed:
+            release_refs(parts)
             self._release(buf, n)
             return
         ident = _get_ident()
@@ -555,6 +565,7 @@ class Connection:
         except OSError as e:
             self._send_failed(e)
         finally:
+            release_refs(parts)
             self._release(buf, n)
 
     def _send_foreign(self, _arg):
@@ -581,6 +592,7 @@ class Connection:
         except OSError as e:
             self._send_failed(e)
         finally:
+            release_refs(parts)
             put = self.server.pool.put
             nbytes = 0
             for buf, n in rel:
