@@ -83,9 +83,11 @@ def main(argv=None):
         r2 = medians[("linear over linear over memory", opname)] - base
         print(f"router cost per 4 KiB {opname}: {r1:.2f} us through one device, "
               f"{r2:.2f} us through two stacked devices (store time {base:.2f} us excluded)")
-    worst = max(medians[("linear over memory", o)] for o in ("read", "write"))
-    print(f"\ngoal: under 10 us per bio through one linear device -> "
-          f"{'met' if worst < 10 else 'MISSED'} ({worst:.2f} us, store included)")
+    own = max(medians[("linear over memory", o)] - medians[("memory store alone", o)]
+              for o in ("read", "write"))
+    total = max(medians[("linear over memory", o)] for o in ("read", "write"))
+    print(f"\ngoal: the router's own cost under 10 us per bio through one linear device -> "
+          f"{'met' if own < 10 else 'MISSED'} ({own:.2f} us; {total:.2f} us with the store)")
     return 0
 
 
