@@ -18,22 +18,11 @@ import threading
 
 from pydm import __version__
 from pydm.errors import DMError, PydmError, strerror
+from pydm.paths import default_socket_path  # noqa: F401 (re-exported)
 
 log = logging.getLogger("pydm.control")
 
 MAX_LINE = 16 << 20
-
-
-def default_socket_path() -> str:
-    env = os.environ.get("PYDM_SOCKET")
-    if env:
-        return env
-    if os.geteuid() == 0:
-        return "/run/pydm/control.sock"
-    run = os.environ.get("XDG_RUNTIME_DIR")
-    if run:
-        return os.path.join(run, "pydm", "control.sock")
-    return f"/tmp/pydm-{os.getuid()}/control.sock"
 
 
 # --------------------------------------------------------------- handlers

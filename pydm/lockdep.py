@@ -18,14 +18,12 @@ The documented order for pydm (outermost first) is declared at the bottom:
 registry -> device control -> table/target state -> metadata -> leaf locks.
 """
 
-import logging
 import os
 import threading
 import traceback
 
 ENABLED = os.environ.get("PYDM_LOCKDEP", "") not in ("", "0")
 
-log = logging.getLogger("pydm.lockdep")
 
 
 class LockOrderError(RuntimeError):
@@ -62,7 +60,8 @@ def set_reactor(name: str) -> None:
 def _report(kind: str, text: str) -> None:
     msg = f"lockdep: {kind}\n{text}"
     reports.append(msg)
-    log.error(msg)
+    import logging          # only when reporting: offline tools import this module
+    logging.getLogger("pydm.lockdep").error(msg)
     if _state.reactor == "raise":
         raise LockOrderError(msg)
 

@@ -14,8 +14,6 @@ safe to run from many threads, and they release the GIL while they block.
 ``StorePool`` shares one open store per file among all tables that use it.
 """
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -33,17 +31,29 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_fallocate.restype = ctypes.c_int
+_fallocate = None
+
+
+def _libc_fallocate():
+    # ctypes loads on first use: the offline metadata tools never punch holes
+    import ctypes
+    import ctypes.util
+    global _fallocate
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fn = libc.fallocate
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fn.restype = ctypes.c_int
+    _fallocate = (fn, ctypes.get_errno)
+    return _fallocate
+
 
 _ZERO_CHUNK = bytes(1 << 20)
 
 
 def _fallocate_or_raise(fd, mode, offset, length):
-    if _fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
+    fn, get_errno = _fallocate or _libc_fallocate()
+    if fn(fd, mode, offset, length) != 0:
+        err = get_errno()
         raise OSError(err, strerror(err))
 
 
@@ -179,6 +189,13 @@ class FileStore(Store):
                 mv[:] = bytes(len(mv))
                 return
             got += n
+
+    def read_at(self, offset, length):
+        # one pread, no bytearray round trip: metadata reads are many and small
+        data = os.pread(self.fd, length, offset)
+        if len(data) == length:
+            return data
+        return Store.read_at(self, offset, length)
 
     def write_at(self, offset, data):
         fd = self.fd

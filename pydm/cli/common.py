@@ -3,7 +3,7 @@
 import json
 import sys
 
-from pydm.ctlsock import ControlClient, default_socket_path
+from pydm.paths import default_socket_path
 from pydm.errors import PydmError
 
 
@@ -14,7 +14,9 @@ def add_client_options(p) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
-def client(args) -> ControlClient:
+def client(args):
+    """A ControlClient (imported here: offline commands never need sockets)."""
+    from pydm.ctlsock import ControlClient
     return ControlClient(getattr(args, "socket", None))
 
 

@@ -9,11 +9,11 @@ offline tools ``dump``/``restore``/``check``/``invalidate`` do that).
 import json
 
 from pydm.cli.common import add_client_options, client, fail, print_json
-from pydm.ctlsock import ControlError
 
 
 def _era_target(c, dev):
     """(start sector, status words) of the first era target of ``dev``."""
+    from pydm.ctlsock import ControlError
     try:
         lines = c.call("status", name=dev)
     except ControlError as e:
@@ -25,6 +25,7 @@ def _era_target(c, dev):
 
 
 def _message(args, text):
+    from pydm.ctlsock import ControlError
     with client(args) as c:
         start, _ = _era_target(c, args.device)
         try:

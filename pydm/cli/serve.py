@@ -3,7 +3,7 @@
 import logging
 import os
 
-from pydm.ctlsock import default_socket_path
+from pydm.paths import default_socket_path
 
 
 def register(sub):
