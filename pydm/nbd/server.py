@@ -124,6 +124,10 @@ class Connection:
         self.rbuf = bytearray(RBUF_SIZE)
         self.rmv = memoryview(self.rbuf)
         self.rpos = self.rend = 0
+        # After a large WRITE, read just the next header: a big read-ahead
+        # would pull the next payload's head into rbuf, to be copied out
+        # again with the GIL held; recv_all_into takes it straight.
+        self.fill_cap = RBUF_SIZE
         self.pending = []
         self.pending_rel = []
         self.pending_bytes = 0
@@ -215,8 +219,9 @@ class Connection:
         if self.pending:
             self._flush_pending()
         recv = self.transport.recv_into
+        cap = self.fill_cap
         while have < need:
-            n = recv(self.rmv[rend:], RBUF_SIZE - rend)
+            n = recv(self.rmv[rend:], min(RBUF_SIZE - rend, max(cap, need - have)))
             if not n:
                 raise Disconnect()
             rend += n
@@ -399,6 +404,7 @@ class Connection:
                               self.nocopy if length > INLINE_MAX else 0, read_done,
                               (cookie, offset, buf, length, flags))
                 else:
+                    self.fill_cap = 28 if length > INLINE_MAX else RBUF_SIZE
                     try:
                         self._read_into(view, length)
                     except BaseException:
