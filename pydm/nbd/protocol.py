@@ -685,7 +685,7 @@ _ZERO16 = bytes(16)
 HOLE_PROBE = 64 << 10
 
 
-def find_holes(buf, n: int) -> list:
+def find_holes(buf, n: int, base: int = 0) -> list:
     """(start, length) runs of whole zero blocks in ``buf[:n]`` for OFFSET_HOLE.
 
     Decided by content, so it is exactly "reads as zeros" whatever the
@@ -694,16 +694,25 @@ def find_holes(buf, n: int) -> list:
     1 MiB, where a full search costs ~35 us with the GIL held, measurable
     on the 1 MiB read benchmark); holes that small and unaligned are not
     worth finding.  ``buf`` must be a bytearray or bytes (their
-    ``startswith`` is a memcmp; a memoryview compares byte by byte).
+    ``startswith`` is a memcmp; a memoryview compares byte by byte); the
+    data is ``buf[base:base + n]`` and the runs are relative to ``base``.
     """
     holes = []
-    find, starts = buf.find, buf.startswith
+    raw_find, raw_starts = buf.find, buf.startswith
+
+    def find(sub, lo):
+        at = raw_find(sub, base + lo, base + n)
+        return at if at < 0 else at - base
+
+    def starts(prefix, at):
+        return raw_starts(prefix, base + at)
+
     for probe in range(0, n, HOLE_PROBE):
         if starts(_ZERO16, probe):
             break
     else:
         return holes
-    pos = find(_ZERO_BLOCK, max(0, probe - HOLE_PROBE), n)
+    pos = find(_ZERO_BLOCK, max(0, probe - HOLE_PROBE))
     while pos != -1 and len(holes) < MAX_HOLES:
         start = -(-pos // HOLE_BLOCK) * HOLE_BLOCK
         end = start
@@ -716,9 +725,9 @@ def find_holes(buf, n: int) -> list:
                 step //= 2
         if end > start:
             holes.append((start, end - start))
-            pos = find(_ZERO_BLOCK, end, n)
+            pos = find(_ZERO_BLOCK, end)
         else:
-            pos = find(_ZERO_BLOCK, start, n)
+            pos = find(_ZERO_BLOCK, start)
     return holes
 
 

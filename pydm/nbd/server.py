@@ -28,6 +28,7 @@ Rules of this module:
   disconnect, logged once per event with the peer's address.
 """
 
+import ctypes
 import errno
 import logging
 import os
@@ -69,6 +70,25 @@ class Disconnect(Exception):
     """The peer went away; nothing more to say to it."""
 
 
+class PoolBuffer:
+    """A payload buffer: ``view`` is ``size`` bytes of ``raw`` starting at
+    ``base``, an address aligned for the kernel's copies.  A bytearray's
+    data sits 16 bytes past a page start, and the kernel copies a 1 MiB read
+    into such an address 3-4x slower than into an aligned one (measured
+    here: 0.84 vs 0.23 ms for a page-cache preadv)."""
+
+    __slots__ = ("raw", "base", "size", "view")
+
+    def __init__(self, size):
+        align = 4096 if size >= 65536 else 64
+        raw = bytearray(size + align)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(raw))
+        self.raw = raw
+        self.base = -addr % align
+        self.size = size
+        self.view = memoryview(raw)[self.base:self.base + size]
+
+
 class BufferPool:
     """Reusable payload buffers in power-of-two size classes.
 
@@ -93,10 +113,10 @@ class BufferPool:
                 return lst.pop()
             except IndexError:
                 pass
-        return bytearray(cls)
+        return PoolBuffer(cls)
 
     def put(self, buf):
-        n = len(buf)
+        n = buf.size
         lst = self._free.get(n)
         if lst is None:
             lst = self._free.setdefault(n, [])
@@ -398,7 +418,7 @@ class Connection:
                     continue
                 self._admit(length)
                 buf = pool.get(length)
-                view = memoryview(buf)[:length]
+                view = buf.view[:length]
                 if cmd == P.CMD_READ:
                     bio = Bio(READ, offset >> 9, length >> 9, view,
                               self.nocopy if length > INLINE_MAX else 0, read_done,
@@ -502,7 +522,7 @@ class Connection:
             holes = None
             if n >= P.HOLE_READ_MIN and not flags & P.CMD_FLAG_DF:
                 # by content when we hold the data, else the file's own holes
-                holes = P.find_holes(buf, n) if ref is None else ref.hole_runs()[:P.MAX_HOLES]
+                holes = P.find_holes(buf.raw, n, buf.base) if ref is None else ref.hole_runs()[:P.MAX_HOLES]
             if holes:
                 parts = P.read_reply_parts(cookie, offset, data, holes)
             else:

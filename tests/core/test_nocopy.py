@@ -58,7 +58,7 @@ def test_split_reads_and_flakey_reads_are_copied(tmp_path):
         bio, buf = read_nocopy(fl, 0, 8)
         assert bio.ref is None and buf[0] == 7 and buf[1:] == b"a" * 4095
         # stacked: the reference comes up through both devices
-        lin = c.create("lin", f"0 2048 linear {a} 0\n")
+        c.create("lin", f"0 2048 linear {a} 0\n")
         top = c.create("top", "0 2048 linear dm:lin 0\n")
         bio, buf = read_nocopy(top, 16, 8)
         assert bio.ref is not None and bio.ref.offset == 16 * 512

@@ -420,6 +420,11 @@ def test_find_holes(layout, want):
     assert holes == want
     for s, n in holes:
         assert buf[s:s + n] == bytes(n) and s % 4096 == 0 and n % 4096 == 0
+    # inside a bigger buffer (the pool aligns payloads): zeros around it
+    # must not extend or shift the runs
+    for base in (16, 3000, 4096):
+        padded = bytearray(base) + buf + bytearray(8192)
+        assert P.find_holes(padded, len(buf), base) == want
 
 
 def test_find_holes_limit():
