@@ -24,7 +24,7 @@ import logging
 from bisect import bisect_right
 
 from pydm import trace
-from pydm.bio import (Bio, DISCARD, FLUSH, READ, REQ_NOCOPY, REQ_PREFLUSH, WRITE,
+from pydm.bio import (Bio, DISCARD, FLUSH, READ, REQ_PREFLUSH, WRITE,
                       WRITE_ZEROES, SECTOR_SHIFT)
 from pydm.lockdep import make_lock
 from pydm.target import DELAY_REQUEUE, ENDIO_REQUEUE, KILL, REMAPPED, REQUEUE, SUBMITTED
@@ -72,12 +72,6 @@ def _clone_done(clone):
             status = STS_REQUEUE
     if io.lock is None:
         io.status = status
-        ref = clone.ref
-        if ref is not None:
-            if status:
-                ref.release()           # failed or requeued: nobody sends it
-            else:
-                io.orig.ref = ref
     else:
         with io.lock:
             if status:
@@ -231,7 +225,7 @@ def _split_many(dev, table, bio, data_op):
     # Slicing a memoryview shares the buffer; slicing bytes would copy.
     data = None if bio.data is None else memoryview(bio.data)
     base = sector
-    flags = bio.flags & ~REQ_NOCOPY     # by-reference reads only whole
+    flags = bio.flags
     for t, s, n, i in frags:
         if data is not None:
             lo = (s - base) << SECTOR_SHIFT

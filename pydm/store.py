@@ -20,7 +20,6 @@ import stat
 import threading
 
 from pydm import bio as _bio
-from pydm.lockdep import make_lock
 from pydm.errors import PydmError, strerror
 
 # Extent flags, shared with NBD base:allocation (same bit values).
@@ -65,7 +64,6 @@ class Store:
     readonly = False
     supports_discard = True
     supports_write_zeroes = True
-    by_ref = False        # answers REQ_NOCOPY reads with a FileRange
 
     @property
     def ref(self) -> str:
@@ -109,11 +107,7 @@ class Store:
         try:
             op = bio.op
             if op == _bio.READ:
-                if bio.flags & _bio.REQ_NOCOPY and self.by_ref:
-                    self.pin()
-                    bio.ref = _bio.FileRange(self, bio.sector << 9, bio.nr_sectors << 9)
-                else:
-                    self.readinto_at(bio.data, bio.sector << 9)
+                self.readinto_at(bio.data, bio.sector << 9)
             elif op == _bio.WRITE:
                 self._check_writable()
                 self.write_at(bio.sector << 9, bio.data)
@@ -166,10 +160,6 @@ class FileStore(Store):
             os.close(self.fd)
             raise PydmError(f"{path}: not a regular file or block device", errno.EINVAL)
         self.key = (st.st_dev, st.st_ino)
-        self.by_ref = self.is_file
-        self._pins = 0              # FileRanges not yet sent: close waits for them
-        self._close_pending = False
-        self._pin_lock = make_lock("store.pin")
         self.refresh_size()
 
     def refresh_size(self) -> int:
@@ -263,28 +253,8 @@ class FileStore(Store):
             pos = hole
         return out
 
-    def pin(self):
-        with self._pin_lock:
-            self._pins += 1
-
-    def unpin(self):
-        with self._pin_lock:
-            self._pins -= 1
-            if self._pins or not self._close_pending:
-                return
-            self._close_pending = False
-            fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
-
     def close(self):
-        with self._pin_lock:
-            if self._pins:
-                # a reply is still being sent from this file: the last
-                # unpin closes it (never a reused descriptor number)
-                self._close_pending = True
-                return
-            fd, self.fd = self.fd, -1
+        fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
 

@@ -24,7 +24,7 @@ discard 3, write-zeroes 4) in the low byte, pydm REQ_* flags shifted left 8.
 import random
 import time
 
-from pydm.bio import READ, REQ_NOCOPY, WRITE, WRITE_OPS
+from pydm.bio import READ, WRITE, WRITE_OPS
 from pydm.errors import TargetError
 from pydm.table import quote_arg
 from pydm.target import DONE, KILL, REMAPPED, STATUS_TABLE, SUBMITTED, Target, parse_uint
@@ -130,7 +130,6 @@ class FlakeyTarget(Target):
         return elapsed % (self.up + self.down) >= self.up
 
     def map(self, bio):
-        bio.flags &= ~REQ_NOCOPY        # end_io may corrupt what was read
         down = bio.private = self.is_down()
         if down:
             op = bio.op

@@ -657,15 +657,14 @@ def read_reply_parts(cookie: int, offset: int, data, holes=()):
 
     ``holes`` are (start, length) byte ranges inside ``data`` that read as
     zeros; they become OFFSET_HOLE chunks.  Without holes the reply is one
-    OFFSET_DATA chunk with DONE set.  ``data`` is sliced as it is: pass a
-    memoryview (or a file range the transport sends from the file).
+    OFFSET_DATA chunk with DONE set.
     """
     n = len(data)
     if not holes:
         return [data_chunk_header(cookie, offset, n, True), data]
     parts = []
     pos = 0
-    view = data
+    view = memoryview(data)
     for start, length in holes:
         if start > pos:
             parts.append(data_chunk_header(cookie, offset + pos, start - pos, False))

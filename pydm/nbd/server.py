@@ -36,8 +36,8 @@ import queue
 import socket
 import threading
 
-from pydm.bio import (Bio, DISCARD, FLUSH, READ, REQ_FUA, REQ_NOCOPY, REQ_NOUNMAP,
-                      REQ_PREFLUSH, WRITE, WRITE_ZEROES, release_refs)
+from pydm.bio import (Bio, DISCARD, FLUSH, READ, REQ_FUA, REQ_NOUNMAP, REQ_PREFLUSH,
+                      WRITE, WRITE_ZEROES)
 from pydm.errors import DMError, PydmError, nbd_error
 from pydm.lockdep import make_condition, make_lock
 from pydm.nbd import protocol as P
@@ -71,22 +71,36 @@ class Disconnect(Exception):
 
 
 class PoolBuffer:
-    """A payload buffer: ``view`` is ``size`` bytes of ``raw`` starting at
-    ``base``, an address aligned for the kernel's copies.  A bytearray's
+    """A payload buffer: ``size`` bytes of ``raw`` from ``base``, an address
+    aligned for the kernel's copies (``vbase``: where the current view starts).  A bytearray's
     data sits 16 bytes past a page start, and the kernel copies a 1 MiB read
     into such an address 3-4x slower than into an aligned one (measured
     here: 0.84 vs 0.23 ms for a page-cache preadv)."""
 
-    __slots__ = ("raw", "base", "size", "view")
+    __slots__ = ("raw", "base", "size", "mv", "vbase")
 
     def __init__(self, size):
         align = 4096 if size >= 65536 else 64
-        raw = bytearray(size + align)
+        raw = bytearray(size + align + 64)
         addr = ctypes.addressof(ctypes.c_char.from_buffer(raw))
         self.raw = raw
         self.base = -addr % align
         self.size = size
-        self.view = memoryview(raw)[self.base:self.base + size]
+        self.mv = memoryview(raw)
+        self.vbase = self.base
+
+    def write_view(self, n):
+        self.vbase = self.base
+        return self.mv[self.base:self.base + n]
+
+    def read_view(self, n, pad):
+        """Read data ``pad`` bytes past the aligned start: the reply header
+        goes before it into the same socket buffer, and the kernel's copy
+        into the socket is fastest when the data keeps the alignment it will
+        have there (1 MiB reads: 1.0 -> 2.2 GB/s here with pad 36 behind a
+        28-byte structured header)."""
+        self.vbase = b = self.base + pad
+        return self.mv[b:b + n]
 
 
 class BufferPool:
@@ -347,9 +361,6 @@ class Connection:
         self.work = queue.SimpleQueue()
         self._add_worker()
         self.batching = True
-        # Large reads may be answered from the file by reference and sent
-        # with sendfile (one copy instead of pread + send); not through TLS.
-        self.nocopy = 0 if self.transport.tls else REQ_NOCOPY
         self._serve()
 
     def _add_worker(self):
@@ -387,6 +398,8 @@ class Connection:
         session = self.session
         structured = self.structured
         pool = self.server.pool
+        # data chunk header: 20 + 8 bytes structured, 16 simple
+        read_pad = (-28 if structured else -16) % 64
         check = P.check_request
         rbuf = self.rbuf
         read_done = self._read_done
@@ -418,12 +431,12 @@ class Connection:
                     continue
                 self._admit(length)
                 buf = pool.get(length)
-                view = buf.view[:length]
                 if cmd == P.CMD_READ:
-                    bio = Bio(READ, offset >> 9, length >> 9, view,
-                              self.nocopy if length > INLINE_MAX else 0, read_done,
+                    view = buf.read_view(length, read_pad)
+                    bio = Bio(READ, offset >> 9, length >> 9, view, 0, read_done,
                               (cookie, offset, buf, length, flags))
                 else:
+                    view = buf.write_view(length)
                     self.fill_cap = 28 if length > INLINE_MAX else RBUF_SIZE
                     try:
                         self._read_into(view, length)
@@ -510,8 +523,6 @@ class Connection:
     def _read_done(self, bio):
         cookie, offset, buf, n, flags = bio.private
         status = bio.status
-        ref = bio.ref                           # a FileRange for a by-reference read
-        data = bio.data if ref is None else ref
         if status:
             self._count_error(bio)
             if self.structured:
@@ -521,18 +532,15 @@ class Connection:
         elif self.structured:
             holes = None
             if n >= P.HOLE_READ_MIN and not flags & P.CMD_FLAG_DF:
-                # by content when we hold the data, else the file's own holes
-                holes = P.find_holes(buf.raw, n, buf.base) if ref is None else ref.hole_runs()[:P.MAX_HOLES]
+                holes = P.find_holes(buf.raw, n, buf.vbase)
             if holes:
-                parts = P.read_reply_parts(cookie, offset, data, holes)
+                parts = P.read_reply_parts(cookie, offset, bio.data, holes)
             else:
                 parts = [_data_header(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
                                       P.REPLY_TYPE_OFFSET_DATA, cookie, n + 8, offset),
-                         data]
+                         bio.data]
         else:
-            parts = [_simple(P.SIMPLE_REPLY_MAGIC, 0, cookie), data]
-        if ref is not None and not any(p is ref for p in parts):
-            ref.release()                       # sliced into parts, or an error reply
+            parts = [_simple(P.SIMPLE_REPLY_MAGIC, 0, cookie), bio.data]
         self._reply(parts, buf, n)
 
     def _simple_done(self, bio):
@@ -559,7 +567,6 @@ class Connection:
     # ---------------------------------------------------------- sending
     def _reply(self, parts, buf, n):
         if self.closed:
-            release_refs(parts)
             self._release(buf, n)
             return
         ident = _get_ident()
@@ -591,7 +598,6 @@ class Connection:
         except OSError as e:
             self._send_failed(e)
         finally:
-            release_refs(parts)
             self._release(buf, n)
 
     def _send_foreign(self, _arg):
@@ -618,7 +624,6 @@ class Connection:
         except OSError as e:
             self._send_failed(e)
         finally:
-            release_refs(parts)
             put = self.server.pool.put
             nbytes = 0
             for buf, n in rel:

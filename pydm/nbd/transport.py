@@ -16,11 +16,9 @@ Rules of this module:
 """
 
 import os
-import select
 import socket
 import ssl
 
-from pydm.bio import FileRange
 from pydm.errors import PydmError
 from pydm.lockdep import make_lock
 
@@ -41,61 +39,15 @@ class PlainTransport:
 
     def send(self, parts) -> None:
         sock = self.sock
-        if len(parts) == 1 and type(parts[0]) is not FileRange:
+        if len(parts) == 1:
             sock.sendall(parts[0])
             return
         total = 0
         for p in parts:
-            if type(p) is FileRange:
-                self._send_with_files(parts)
-                return
             total += len(p)
         sent = sock.sendmsg(parts)
         if sent != total:
             self._send_rest(parts, sent)
-
-    def _send_with_files(self, parts):
-        """Buffers with sendmsg, file ranges with sendfile (page cache to
-        socket, no copy through Python), in order."""
-        bufs = []
-        for p in parts:
-            if type(p) is not FileRange:
-                bufs.append(p)
-                continue
-            if bufs:
-                self._sendmsg_all(bufs, socket.MSG_MORE)
-                bufs = []
-            self._sendfile(p)
-        if bufs:
-            self._sendmsg_all(bufs, 0)
-
-    def _sendmsg_all(self, bufs, flags):
-        total = sum(len(b) for b in bufs)
-        sent = self.sock.sendmsg(bufs, (), flags)
-        if sent != total:
-            self._send_rest(bufs, sent)
-
-    def _sendfile(self, r):
-        out = self.sock.fileno()
-        src = r.store.fd
-        off = r.offset
-        left = r.length
-        while left:
-            try:
-                n = os.sendfile(out, src, off, left)
-            except BlockingIOError:
-                select.select([], [out], [])
-                continue
-            if n == 0:
-                # the file ended under us (it shrank): the rest reads as
-                # zeros, like a hole, and the reply keeps its promised length
-                zero = bytes(min(left, 1 << 20))
-                while left:
-                    self.sock.sendall(zero[:left])
-                    left -= min(left, len(zero))
-                return
-            off += n
-            left -= n
 
     def _send_rest(self, parts, sent):
         # A blocking sendmsg only stops short when a signal interrupts it
