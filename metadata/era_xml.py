@@ -20,7 +20,6 @@ import xml.etree.ElementTree as ET
 import numpy as np
 
 from pydm.metadata import bitset
-from pydm.metadata.blocks_xml import blocks_xml
 from pydm.metadata.block_manager import MetadataError
 from pydm.metadata.era_md import EraMetadata, bits_to_bool
 
