@@ -265,21 +265,11 @@ class EraMetadata:
 
     def mark(self, block: int) -> bool:
         """Set ``block`` in the current writeset; True if it was not set."""
-        bits = self.current_bits
-        if bits is None:
-            raise MetadataError("no current writeset (the device has not been resumed)",
-                                errno.EINVAL)
-        if not 0 <= block < self.sb.ws_nr_bits:
-            raise MetadataError(f"block {block} outside the current writeset "
-                                f"({self.sb.ws_nr_bits} bits)", errno.EINVAL)
-        if bits[block]:
-            return False
-        bits[block] = 1
-        self._ws_dirty.add(block // bitset.BITS_PER_BLOCK)
-        return True
+        return self.mark_range(block, block + 1)
 
-    def mark_range(self, first: int, end: int) -> None:
-        """Set blocks [first, end) in the current writeset."""
+    def mark_range(self, first: int, end: int) -> bool:
+        """Set blocks [first, end) in the current writeset; True if any was
+        not set."""
         bits = self.current_bits
         if bits is None:
             raise MetadataError("no current writeset (the device has not been resumed)",
@@ -288,10 +278,11 @@ class EraMetadata:
             raise MetadataError(f"blocks {first}-{end - 1} outside the current writeset "
                                 f"({self.sb.ws_nr_bits} bits)", errno.EINVAL)
         if bits.find(0, first, end) < 0:
-            return
+            return False
         bits[first:end] = 1
         per = bitset.BITS_PER_BLOCK
         self._ws_dirty.update(range(first // per, (end - 1) // per + 1))
+        return True
 
     def _flush_writeset(self):
         if self._ws_dirty:

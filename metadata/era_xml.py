@@ -70,12 +70,15 @@ def invalidate_blocks(md: EraMetadata, since: int, snapshot: bool = False) -> np
 
 def run_edges(mask: np.ndarray):
     """(begins, ends) lists of the runs of True in a bool array."""
-    if not len(mask):
-        return [], []
+    edges = _edges(mask)
+    return edges[0::2].tolist(), edges[1::2].tolist()
+
+
+def _edges(mask: np.ndarray) -> np.ndarray:
+    """begin0, end0, begin1, end1, ... of the runs of True in a bool array."""
     m = np.zeros(len(mask) + 2, dtype=np.int8)
     m[1:-1] = mask
-    edges = np.flatnonzero(np.diff(m))
-    return edges[0::2].tolist(), edges[1::2].tolist()
+    return np.flatnonzero(np.diff(m))
 
 
 def runs(mask: np.ndarray):
@@ -95,18 +98,15 @@ def write_blocks_xml(out, mask: np.ndarray) -> None:
     its numbers: faster than formatting line by line, and small chunks
     reuse memory where whole-answer strings fault in tens of MB of pages."""
     out.write("<blocks>\n")
-    if len(mask):
-        m = np.zeros(len(mask) + 2, dtype=np.int8)
-        m[1:-1] = mask
-        edges = np.flatnonzero(np.diff(m))
-        for lo in range(0, len(edges), 2 * _CHUNK_RUNS):
-            part = edges[lo:lo + 2 * _CHUNK_RUNS]
-            begins, ends = part[0::2], part[1::2]
-            single = (ends - begins) == 1
-            keep = np.ones(len(part), dtype=bool)
-            keep[1::2] = ~single
-            fmt = "".join([_BLOCK_LINE if s else _RANGE_LINE for s in single.tolist()])
-            out.write(fmt % tuple(part[keep].tolist()))
+    edges = _edges(mask)
+    for lo in range(0, len(edges), 2 * _CHUNK_RUNS):
+        part = edges[lo:lo + 2 * _CHUNK_RUNS]
+        begins, ends = part[0::2], part[1::2]
+        single = (ends - begins) == 1
+        keep = np.ones(len(part), dtype=bool)
+        keep[1::2] = ~single
+        fmt = "".join([_BLOCK_LINE if s else _RANGE_LINE for s in single.tolist()])
+        out.write(fmt % tuple(part[keep].tolist()))
     out.write("</blocks>\n")
 
 

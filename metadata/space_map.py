@@ -147,11 +147,16 @@ class SpaceMap:
 
 
 # -------------------------------------------------------------- bitmaps
+def _entry_bits(c):
+    """A count (0-3, int or array) as its two on-disk bits: high bit first."""
+    return ((c & 1) << 1) | (c >> 1)
+
+
 def encode_bitmap(counts) -> bytes:
     """Two-bit entries, high bit first within each pair, little-endian words."""
     c = np.zeros(ENTRIES_PER_BITMAP, np.uint8)
     c[:len(counts)] = np.minimum(counts, 3)
-    sw = (((c & 1) << 1) | (c >> 1)).reshape(-1, 4)
+    sw = _entry_bits(c).reshape(-1, 4)
     return (sw[:, 0] | (sw[:, 1] << 2) | (sw[:, 2] << 4) | (sw[:, 3] << 6)).astype(np.uint8).tobytes()
 
 
@@ -281,7 +286,7 @@ class DiskSpaceMap(SpaceMap):
                     v = min(int(part[j]), 3)
                     shift = 2 * (j & 3)
                     k = 16 + (j >> 2)
-                    body[k] = (body[k] & ~(3 << shift)) | ((((v & 1) << 1) | (v >> 1)) << shift)
+                    body[k] = (body[k] & ~(3 << shift)) | (_entry_bits(v) << shift)
         return bytearray(body)
 
     def rollback(self) -> None:
