@@ -176,3 +176,14 @@ def test_help(cmd):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     assert "usage: pydm" in r.stdout
+
+
+def test_unknown_command_group_is_one_line_and_exit_1():
+    # the parser is built for the named group only: an unknown one still
+    # gets argparse's list of every group, not a traceback
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "pydm", "bogus"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "invalid choice: 'bogus'" in r.stderr and "'era'" in r.stderr
