@@ -67,9 +67,11 @@ class MappedDevice:
                 self._fail(bio)
                 return
             self._deferred.append(bio)
-            lock.release()
+            # Emitted under the lock: once released, a resume may resubmit
+            # the bio and its bio_submit must not be seen before this.
             if trace.ENABLED:
                 trace.emit("bio_defer", dev=self.name, bio=bio.id)
+            lock.release()
             return
         table = self.live
         if table is None:

@@ -8,11 +8,13 @@ import time
 import pytest
 
 from helpers import Waiter, do_io, make_image
+from pydm import trace
 from pydm.bio import Bio, READ, WRITE
 from pydm.control import Control
 from pydm.errors import DMError
 from pydm.target import REMAPPED, REQUEUE, Target
 from pydm.targets.delay import DelayTarget
+from pydm.verify import monitor
 
 
 class Slow(DelayTarget):
@@ -199,6 +201,36 @@ def test_quiesce_drains_and_holds(control):
             pass
         assert not late.event.is_set()
     assert late.wait() == 0
+
+
+def test_deferred_bio_is_traced_held_before_a_resume_resubmits_it(control):
+    """A resume racing a deferring submit must not let the bio's bio_submit
+    be traced before its bio_defer (CI once saw exactly that)."""
+    c = control
+    c.create("d", "0 64 linear a.img 0\n", cwd=c.cwd)
+    c.suspend("d")
+    racers = []
+
+    def race_resume(fields):
+        # Runs inside submit's bio_defer emit: resume as soon as it can.
+        if fields["event"] == "bio_defer" and not racers:
+            t = threading.Thread(target=c.resume, args=("d",))
+            racers.append(t)
+            t.start()
+            t.join(0.2)
+
+    mon = monitor.bio_once()
+    trace.attach(race_resume)
+    trace.attach(mon)
+    try:
+        status, _ = do_io(c.get("d"), READ, 0, 8)
+        racers[0].join(10)
+    finally:
+        trace.detach(mon)
+        trace.detach(race_resume)
+    assert status == 0
+    mon.end_check()
+    assert not mon.violations, [str(v) for v in mon.violations]
 
 
 def test_remove_refused_while_held_and_deferred_remove(control):
