@@ -9,8 +9,13 @@ Rules of this module:
   one ``recv_into`` usually brings several requests), checks it, and submits
   its bio.  A bio that completes inline (a synchronous store) has its reply
   queued and sent with the next batch, one ``sendmsg`` for many replies,
-  just before the reader would block.  Large requests go to the
-  connection's worker threads, so a 1 MiB copy overlaps the next recv.
+  just before the reader would block.  Large writes go to the
+  connection's worker threads, so a 1 MiB pwrite overlaps the next recv;
+  large reads are read by the reader and their replies sent by a worker,
+  so the next pread overlaps this send (the send is the dearer half).
+* Replies from workers and other threads go through one outbox that one
+  thread at a time drains (see ``_reply``), so the socket is not handed
+  from thread to thread per reply.
   ``device.submit`` never blocks, so a suspended device holds bios, not the
   reader.
 * A completion arriving on a thread that is not the connection's own (a
@@ -21,14 +26,13 @@ Rules of this module:
   over the bound flushes its batch and waits.
 * Locks (all leaves, made by ``pydm.lockdep``): ``nbd.conn.write``
   serialises messages on one socket (then ``nbd.conn.tls`` inside it);
-  ``nbd.conn.mem`` guards the in-flight counters; ``nbd.conn.foreign`` the
-  replies completed on foreign threads; ``nbd.server`` the
+  ``nbd.conn.mem`` guards the in-flight counters; ``nbd.conn.outbox`` the
+  replies waiting for the connection's one sender; ``nbd.server`` the
   connection set.  None is held while calling into a device.
 * Malformed input: the spec's error reply, or for MUST violations a
   disconnect, logged once per event with the peer's address.
 """
 
-import ctypes
 import errno
 import logging
 import os
@@ -41,6 +45,7 @@ from pydm.bio import (Bio, DISCARD, FLUSH, READ, REQ_FUA, REQ_NOUNMAP, REQ_PREFL
 from pydm.errors import DMError, PydmError, nbd_error
 from pydm.lockdep import make_condition, make_lock
 from pydm.nbd import protocol as P
+from pydm.nbd.buffers import BufferPool
 from pydm.nbd.exports import Catalog, block_status
 from pydm.nbd.transport import PlainTransport, TLSTransport, make_tls_context, set_nodelay
 
@@ -75,72 +80,6 @@ class Disconnect(Exception):
     """The peer went away; nothing more to say to it."""
 
 
-class PoolBuffer:
-    """A payload buffer: ``size`` bytes of ``raw`` from ``base``, an address
-    aligned for the kernel's copies.  A bytearray's data sits 16 bytes past
-    a page start, and the kernel copies a 1 MiB read into such an address
-    3-4x slower than into an aligned one (measured here: 0.84 vs 0.23 ms for
-    a page-cache preadv)."""
-
-    __slots__ = ("raw", "base", "size", "mv")
-
-    def __init__(self, size):
-        align = 4096 if size >= 65536 else 64
-        raw = bytearray(size + align + 64)
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(raw))
-        self.raw = raw
-        self.base = -addr % align
-        self.size = size
-        self.mv = memoryview(raw)
-
-    def write_view(self, n):
-        return self.mv[self.base:self.base + n]
-
-    def read_view(self, n, pad):
-        """Read data ``pad`` bytes past the aligned start: the reply header
-        goes before it into the same socket buffer, and the kernel's copy
-        into the socket is fastest when the data keeps the alignment it will
-        have there (1 MiB reads: 1.0 -> 2.2 GB/s here with pad 36 behind a
-        28-byte structured header)."""
-        b = self.base + pad
-        return self.mv[b:b + n]
-
-
-class BufferPool:
-    """Reusable payload buffers in power-of-two size classes.
-
-    Big bytearrays come from mmap and fault in page by page every time;
-    reusing them is most of the cost of a 1 MiB request.  list.pop/append
-    are atomic under the GIL, so the pool needs no lock.
-    """
-
-    def __init__(self, keep_bytes=64 << 20):
-        self._free = {}
-        self._keep = keep_bytes
-
-    @staticmethod
-    def size_class(n):
-        return 4096 if n <= 4096 else 1 << (n - 1).bit_length()
-
-    def get(self, n):
-        cls = 4096 if n <= 4096 else 1 << (n - 1).bit_length()
-        lst = self._free.get(cls)
-        if lst:
-            try:
-                return lst.pop()
-            except IndexError:
-                pass
-        return PoolBuffer(cls)
-
-    def put(self, buf):
-        n = buf.size
-        lst = self._free.get(n)
-        if lst is None:
-            lst = self._free.setdefault(n, [])
-        if len(lst) * n < self._keep // 8 or not lst:
-            lst.append(buf)
-
-
 class Connection:
     def __init__(self, server, sock, peer: str):
         self.server = server
@@ -168,9 +107,10 @@ class Connection:
         self.pending = []
         self.pending_rel = []
         self.pending_bytes = 0
-        self.flock = make_lock("nbd.conn.foreign")
-        self.foreign = []           # replies completed on foreign threads
-        self.foreign_rel = []
+        self.flock = make_lock("nbd.conn.outbox")
+        self.outbox = []            # replies waiting for the connection's sender
+        self.outbox_rel = []
+        self.sending = False        # a thread drains the outbox, or a job to do so is queued
         self.batching = False
         self.reader_ident = None
         self.worker_idents = set()
@@ -448,7 +388,7 @@ class Connection:
                     bio = Bio(WRITE, offset >> 9, length >> 9, view,
                               REQ_FUA if flags & P.CMD_FLAG_FUA else 0, write_done,
                               (cookie, buf, length))
-                if length > INLINE_MAX:
+                if length > INLINE_MAX and cmd == P.CMD_WRITE:
                     hand_off((submit, bio))
                 else:
                     submit(bio)
@@ -572,7 +512,7 @@ class Connection:
             self._release(buf, n)
             return
         ident = _get_ident()
-        if ident == self.reader_ident:
+        if ident == self.reader_ident and n <= INLINE_MAX:
             if self.batching:
                 self.pending += parts
                 self.pending_rel.append((buf, n))
@@ -580,33 +520,41 @@ class Connection:
                 if len(self.pending) >= BATCH_PARTS or self.pending_bytes >= BATCH_BYTES:
                     self._flush_pending()
                 return
-        elif ident not in self.worker_idents:
-            # Completions on a foreign thread come in bursts (an era commit
-            # releases a batch): one worker job sends the whole burst.
-            with self.flock:
-                self.foreign += parts
-                self.foreign_rel.append((buf, n))
-                first = len(self.foreign_rel) == 1
-            if first:
-                self._hand_off((self._send_foreign, None))
-            return
-        self._send_job((parts, buf, n))
-
-    def _send_job(self, job):
-        parts, buf, n = job
-        try:
-            if not self.closed:
-                self._send_now(parts)
-        except OSError as e:
-            self._send_failed(e)
-        finally:
-            self._release(buf, n)
-
-    def _send_foreign(self, _arg):
+        # Big replies and those from workers and foreign threads meet in
+        # the outbox, and one thread at a time drains it: a worker finding
+        # nobody sending becomes the sender; others just leave their reply.
+        # The reader and foreign threads (a delay timer, an era commit
+        # releasing a burst) never send here: they queue a drain job for a
+        # worker.  1 MiB reads, QD4: reading and sending all on the reader
+        # was CPU-bound on one thread, and every worker doing its own read
+        # and send paid ~4 context switches a request (both ~0.75x nbdkit);
+        # the reader reading and one worker sending made it ~0.9x.
         with self.flock:
-            parts, rel = self.foreign, self.foreign_rel
-            self.foreign, self.foreign_rel = [], []
-        self._send_batch(parts, rel)
+            self.outbox += parts
+            self.outbox_rel.append((buf, n))
+            if self.sending:
+                return
+            self.sending = True
+        if ident in self.worker_idents:
+            self._drain_outbox(None)
+        else:
+            self._hand_off((self._drain_outbox, None))
+
+    def _drain_outbox(self, _arg):
+        flock = self.flock
+        try:
+            while True:
+                with flock:
+                    parts, rel = self.outbox, self.outbox_rel
+                    if not rel:
+                        self.sending = False
+                        return
+                    self.outbox, self.outbox_rel = [], []
+                self._send_batch(parts, rel)
+        except BaseException:
+            with flock:
+                self.sending = False
+            raise
 
     def _flush_pending(self):
         parts = self.pending
