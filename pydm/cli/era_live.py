@@ -128,7 +128,10 @@ def add_live_commands(cmds):
             "list the blocks written since an era: byte ranges, JSON or era_invalidate XML")
     p.add_argument("--since", type=int, required=True, metavar="ERA",
                    help="report blocks written in this era or later")
-    p.add_argument("--format", choices=("ranges", "json", "xml"), default="ranges")
+    p.add_argument("--format", choices=("ranges", "json", "xml"), default="ranges",
+                   help="ranges: 'OFFSET LENGTH' in bytes, one run a line (default); "
+                        "json: the runs with the metadata uuid and eras covered; "
+                        "xml: era_invalidate's <blocks> document")
     p.add_argument("--snapshot", action="store_true",
                    help="answer from the metadata snapshot (after take-snap), "
                         "not the live metadata")
