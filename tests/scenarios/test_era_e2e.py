@@ -206,3 +206,22 @@ def test_kill_9_during_random_writes_loses_no_recorded_write(tmp_path):
             assert b in cache[era], f"block {b}, acknowledged in era {era}, not recorded"
         assert stack.daemon.stop() == 0
     assert len(acked) > 300
+
+
+def test_backup_tool_finds_pydm_without_an_activated_venv(tmp_path):
+    # The README runs tools/era-backup right after making .venv, without
+    # activating it: the tool must find the checkout's pydm, and a pydm it
+    # cannot run is one clear line, not a traceback.
+    need("/usr/bin/python3")
+    tool = ["/usr/bin/python3", os.path.join(ROOT, "tools", "era-backup")]
+    env = dict(os.environ, PATH="/usr/bin:/bin")
+    r = subprocess.run(tool + ["vol", str(tmp_path / "b.img"), "--pydm", str(tmp_path / "nope")],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.startswith("era-backup: cannot run the pydm command")
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    venv_pydm = os.path.join(ROOT, ".venv", "bin", "pydm")
+    if os.access(venv_pydm, os.X_OK):
+        r = subprocess.run(tool + ["--help"], capture_output=True, text=True, env=env,
+                           timeout=60)
+        assert f"(default: {venv_pydm})" in " ".join(r.stdout.split())
