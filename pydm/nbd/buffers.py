@@ -51,11 +51,8 @@ class BufferPool:
         self._free = {}
         self._keep = keep_bytes
 
-    @staticmethod
-    def size_class(n):
-        return 4096 if n <= 4096 else 1 << (n - 1).bit_length()
-
     def get(self, n):
+        # size class: 4 KiB, else the next power of two
         cls = 4096 if n <= 4096 else 1 << (n - 1).bit_length()
         lst = self._free.get(cls)
         if lst:
