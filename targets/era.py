@@ -6,9 +6,11 @@ Maps 1:1 onto the origin.  Every write-direction bio to an era block not yet
 marked in the current era is held until the mark is committed to the
 metadata; only then does it go to the origin, so after a crash every
 acknowledged write is recorded.  Marks are batched by one worker thread: all
-writes that arrive while a commit runs share the next one; while it runs, an
-issuer thread sends the last batch on.  Reads, flushes and writes to marked
-blocks pass straight through.
+writes that arrive while a commit runs share the next one, and after a commit
+the worker waits (at most as long as that commit took) for the writes it
+released to come back, so one commit carries a client's whole queue; while
+it runs, an issuer thread sends the last batch on.  Reads, flushes and writes
+to marked blocks pass straight through.
 
 Rules of this module:
 
@@ -40,6 +42,7 @@ import logging
 import queue
 import re
 import threading
+import time
 
 from bitarray import bitarray
 
@@ -126,6 +129,9 @@ class EraTarget(Target):
         self.failed = None
         self._cond = make_condition(name="target")
         self._deferred = []
+        self._wake_at = 1            # deferred writes that wake the worker
+        self._expect = 0             # deferred writes that make a full batch
+        self._commit_time = 0.0      # how long that commit took (s)
         self._calls = []
         self._stop = False
         self._digest_pending = False
@@ -189,9 +195,8 @@ class EraTarget(Target):
                 while not (self._deferred or self._calls or self._stop
                            or self._digest_pending):
                     cond.wait()
-                # No timed wait for more writers: measured here, committing
-                # what is there while the next batch gathers beats waiting
-                # 0.3 ms for it (4 KiB first writes QD16: 22k vs 17k IOPS).
+                if self._deferred and self._expect:
+                    self._gather()
                 bios, self._deferred = self._deferred, []
                 calls, self._calls = self._calls, []
                 stop = self._stop
@@ -209,6 +214,28 @@ class EraTarget(Target):
             # kernel's worker), so old eras never pile up in the metadata
             if self._digest_pending:
                 self._digest_some()
+
+    def _gather(self):
+        """Group commit.  The writes the last commit released come back as
+        their clients' next requests; wait for as many as it released, but
+        never longer than that commit took, so one commit carries the whole
+        queue.  Committing at once instead splits the queue into two halves
+        that take turns (each waits for the other's commit), and a bounded
+        wait costs no more than that.  4 KiB first writes at QD16: 25.4k vs
+        21.7k IOPS (medians of 4 interleaved runs).  A suspend or checkpoint
+        may wait for a gathering batch as for one being committed.  Called
+        with ``_cond`` held."""
+        want, self._expect = self._expect, 0
+        deadline = time.monotonic() + self._commit_time
+        self._wake_at = want         # map() wakes us only when all are here
+        try:
+            while len(self._deferred) < want and not (self._calls or self._stop):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+        finally:
+            self._wake_at = 1
 
     def _call(self, fn, *args):
         """Run fn in the worker and return its result (or raise its error)."""
@@ -228,6 +255,7 @@ class EraTarget(Target):
         committed = self.committed
         new = [b.private for b in bios if committed.find(0, *b.private) >= 0]
         if new:
+            t0 = time.monotonic()
             try:
                 if self.failed:
                     raise OSError(errno.EIO, self.failed)
@@ -242,6 +270,9 @@ class EraTarget(Target):
             for first, end in new:
                 committed[first:end] = 1
             self.generation += 1
+            self._commit_time = time.monotonic() - t0
+            # what waits now, and these writes' successors
+            self._expect = len(self._deferred) + len(bios)
         self._issue(bios)
 
     def _fail(self, why):
@@ -281,7 +312,8 @@ class EraTarget(Target):
         bio.private = (first, end)
         with self._cond:
             self._deferred.append(bio)
-            self._cond.notify()
+            if len(self._deferred) >= self._wake_at:
+                self._cond.notify()
         if trace.ENABLED:
             trace.emit("era_defer", dev=self.ctx.device.name, block=first, blocks=end - first)
         return SUBMITTED

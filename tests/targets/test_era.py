@@ -180,6 +180,72 @@ def test_suspend_resume_rolls_over_and_survives_reload(env):
     assert changed(c, "e", 2)[0] == {2}
 
 
+def test_closed_loop_first_writes_share_commits(env):
+    """Like fio at iodepth 16: each completion sends a write to a new block.
+    Every write lands and is marked; commits carry several writes each."""
+    c, tmp = env
+    dev = c.create("e", era_table(tmp))
+    t = dev.live.targets[0]
+    gen = t.generation
+    blocks = list(range(NR))
+    random.Random(5).shuffle(blocks)
+    todo = iter(blocks)
+    lock = threading.Lock()
+    statuses = []
+    all_done = threading.Event()
+
+    def send():
+        with lock:
+            blk = next(todo, None)
+        if blk is not None:
+            data = memoryview(bytearray(blk.to_bytes(2, "little") * (BS * 256)))
+            dev.submit(Bio(WRITE, blk * BS, BS, data, 0, done))
+
+    def done(b):
+        with lock:
+            statuses.append(b.status)
+            if len(statuses) == NR:
+                all_done.set()
+        send()
+    for _ in range(16):
+        send()
+    assert all_done.wait(30)
+    assert statuses == [0] * NR
+    assert changed(c, "e", 1)[0] == set(range(NR))
+    assert t.generation - gen < NR // 2
+    with open(tmp / "origin.img", "rb") as f:
+        for blk in (blocks[0], blocks[-1]):
+            f.seek(blk * BS * 512)
+            assert f.read(2) == blk.to_bytes(2, "little")
+
+
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_group_commit_wait_is_bounded_and_yields_to_messages(env, interrupt):
+    """The worker waits for the writes the last commit released, but a write
+    whose successors never come still completes (after at most the last
+    commit's duration), and a call into the worker (here: status) ends the
+    wait at once."""
+    c, tmp = env
+    dev = c.create("e", era_table(tmp))
+    t = dev.live.targets[0]
+    assert write_block(dev, 1) == 0
+    with t._cond:
+        t._expect = 100                  # as if 100 writes had just been released
+        t._commit_time = 60.0 if interrupt else 0.2
+    w = Waiter()
+    dev.submit(Bio(WRITE, 9 * BS, BS, memoryview(bytearray(BS * 512)), 0, w))
+    if interrupt:
+        time.sleep(0.05)                 # the worker is gathering now
+        answer = []
+        asker = threading.Thread(target=lambda: answer.append(status(c, "e")))
+        asker.start()
+        asker.join(10)
+        assert answer and answer[0][2] == "1", "status waited for the gathering"
+    assert w.wait(10) == 0
+    assert 9 in changed(c, "e", 1)[0]
+    assert t._wake_at == 1
+
+
 def _slow_origin(c, tmp, ms):
     c.create("slow", f"0 {NR * BS} delay {tmp}/origin.img 0 0 {tmp}/origin.img 0 {ms}\n")
     return "dm:slow"
