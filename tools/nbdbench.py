@@ -35,15 +35,17 @@ def wait_port(port, proc, timeout=20):
 
 
 def make_image(path, size):
-    """A file of random data (no holes), reused when it already has the size."""
+    """A file of random data (no holes), reused when it already has the size.
+
+    Written as the method says, ``head -c SIZE /dev/urandom``: head writes in
+    small chunks, so the page cache holds the file in small folios.  Written
+    in 8 MiB chunks instead, this kernel caches it in 2 MiB folios, and a
+    random 4 KiB write into one costs the kernel far more (linear randwrite
+    4k QD16 through pydm: ~50-65k IOPS vs ~140k), for every server alike."""
     if os.path.exists(path) and os.path.getsize(path) == size:
         return
     with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 8 << 20)
-            f.write(os.urandom(n))
-            left -= n
+        subprocess.run(["head", "-c", str(size), "/dev/urandom"], stdout=f, check=True)
 
 
 def start_pydm(work, devices, port, extra=()):
