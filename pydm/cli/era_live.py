@@ -11,27 +11,37 @@ import json
 from pydm.cli.common import add_client_options, client, fail, print_json
 
 
+def _why(dev, e):
+    """The daemon's error without the device name it starts with (we print
+    that once ourselves)."""
+    text = str(e)
+    for prefix in (f"{dev}: message failed: ", f"{dev}: "):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
+
+
 def _era_target(c, dev):
     """(start sector, status words) of the first era target of ``dev``."""
     from pydm.ctlsock import ControlError
     try:
         lines = c.call("status", name=dev)
     except ControlError as e:
-        fail(f"{dev}: {e}")
+        fail(f"{dev}: {_why(dev, e)}")
     for ln in lines:
         if ln["target"] == "era":
             return ln["start"], ln["params"].split()
     fail(f"{dev}: not an era device (no era target in its table)")
 
 
-def _message(args, text):
+def _message(args, text, verb):
     from pydm.ctlsock import ControlError
     with client(args) as c:
         start, _ = _era_target(c, args.device)
         try:
             result = c.call("message", name=args.device, sector=start, text=text)
         except ControlError as e:
-            fail(f"{args.device}: {text.split()[0]} failed: {e}")
+            fail(f"{args.device}: {verb} failed: {_why(args.device, e)}")
         status = _era_target(c, args.device)[1]
     return result, parse_status(status)
 
@@ -55,18 +65,18 @@ def _report(args, st, what):
 
 
 def cmd_checkpoint(args):
-    _, st = _message(args, "checkpoint")
+    _, st = _message(args, "checkpoint", "checkpoint")
     _report(args, st, "checkpoint done: current era is now {current_era}")
 
 
 def cmd_take_snap(args):
-    _, st = _message(args, "take_metadata_snap")
+    _, st = _message(args, "take_metadata_snap", "take-snap")
     _report(args, st, "metadata snapshot at block {snapshot_block}; "
                       "current era is now {current_era}")
 
 
 def cmd_drop_snap(args):
-    _, st = _message(args, "drop_metadata_snap")
+    _, st = _message(args, "drop_metadata_snap", "drop-snap")
     _report(args, st, "metadata snapshot dropped; current era is {current_era}")
 
 
@@ -96,7 +106,7 @@ def format_ranges(device, r) -> str:
 
 def cmd_changed(args):
     text = f"changed_since {args.since}" + (" snapshot" if args.snapshot else "")
-    result, _ = _message(args, text)
+    result, _ = _message(args, text, "changed")
     r = json.loads(result)
     if args.format == "json" or args.json:
         bs = r["block_size_sectors"] << 9
