@@ -42,6 +42,12 @@ MAX_ERA = 0xFFFFFFFF
 ERA_VALUE = 4
 ERAS_PER_BLOCK = array.max_entries_for(ERA_VALUE)        # 1018
 MIN_METADATA_BLOCKS = 8
+# Era array blocks one digest step rewrites.  A step shadows them, and their
+# old copies are freed only when it commits, so this bounds the space a digest
+# needs beyond what is committed (a whole writeset at once could need a second
+# era array: 1 TiB at 64 KiB blocks is 64 MiB) and how long a step holds the
+# era worker.
+DIGEST_BLOCKS = 256
 
 _SB = struct.Struct("<IIQ16sQI128sIIIIIQQQQ")            # 224 bytes
 _WS = struct.Struct("<IQ")                               # writeset record, 12 bytes
@@ -148,6 +154,7 @@ class EraMetadata:
         self.era_array = None
         self._ea_dirty = set()
         self.archived = {}
+        self._digest = None      # [era, root, nr_blocks, bits, next block] (digest_step)
 
     # ------------------------------------------------------------ opening
     @classmethod
@@ -228,6 +235,7 @@ class EraMetadata:
     def close(self) -> None:
         self.current_bits = None
         self.era_array = None
+        self._digest = None
 
     # ------------------------------------------------------------- fields
     @property
@@ -337,23 +345,39 @@ class EraMetadata:
         self._ea_dirty.update(np.unique(idx // ERAS_PER_BLOCK).tolist())
 
     # ------------------------------------------------------------- digest
-    def digest_step(self, max_writesets: int = 1) -> bool:
-        """Fold the oldest archived writesets into the era array; True if
-        more remain."""
+    def digest_step(self, max_steps: int = 1) -> bool:
+        """Fold the oldest archived writeset into the era array, one window
+        of DIGEST_BLOCKS era array blocks (the next one holding set bits)
+        per step; True if more remain.
+
+        The writeset leaves the tree with its last step, so until then both
+        say the same of its blocks, and a crash or reopen mid-way only means
+        that writeset is folded again from its start (setting an entry to
+        the era it already holds)."""
         sb = self.sb
-        for _ in range(max_writesets):
+        span = DIGEST_BLOCKS * ERAS_PER_BLOCK        # origin blocks per window
+        for _ in range(max_steps):
             if not self.archived:
                 break
             era = min(self.archived)
             nr_bits, root = self.archived[era]
-            n = min(nr_bits, sb.nr_blocks)
-            bits = bitset.read(self.tm, root, nr_bits)
-            idx = np.flatnonzero(bits_to_bool(bits, n))
-            if len(idx):
-                self.era_array[idx] = era
-                self._ea_dirty.update(np.unique(idx // ERAS_PER_BLOCK).tolist())
-            sb.writeset_tree_root = btree.remove(self.ws_info, sb.writeset_tree_root, era)
-            del self.archived[era]
+            cur = self._digest
+            if cur is None or cur[:3] != [era, root, sb.nr_blocks]:
+                bits = bitset.read(self.tm, root, nr_bits)[:min(nr_bits, sb.nr_blocks)]
+                cur = self._digest = [era, root, sb.nr_blocks, bits, 0]
+            bits, pos = cur[3], cur[4]
+            first = bits.find(1, pos)
+            if first >= 0:
+                lo = first - first % span
+                hi = min(lo + span, len(bits))
+                part = lo + np.flatnonzero(bits_to_bool(bits[lo:hi], hi - lo))
+                self.era_array[part] = era
+                self._ea_dirty.update(np.unique(part // ERAS_PER_BLOCK).tolist())
+                pos = cur[4] = hi
+            if first < 0 or bits.find(1, pos) < 0:
+                sb.writeset_tree_root = btree.remove(self.ws_info, sb.writeset_tree_root, era)
+                del self.archived[era]
+                self._digest = None
         return bool(self.archived)
 
     def digest_all(self) -> None:
@@ -363,10 +387,12 @@ class EraMetadata:
     def _flush_era_array(self):
         if self._ea_dirty:
             root = self.sb.era_array_root
-            arr = self.era_array.astype("<u4")
+            arr = self.era_array
             for j in sorted(self._ea_dirty):
-                root = array.set_block(self.ea_info, root, j,
-                                       arr[j * ERAS_PER_BLOCK:(j + 1) * ERAS_PER_BLOCK].tobytes())
+                # per block: converting the whole array would copy all of it
+                # (64 MiB for 1 TiB at 64 KiB blocks) for every digest step
+                vals = arr[j * ERAS_PER_BLOCK:(j + 1) * ERAS_PER_BLOCK].astype("<u4")
+                root = array.set_block(self.ea_info, root, j, vals.tobytes())
             self.sb.era_array_root = root
             self._ea_dirty = set()
 

@@ -210,7 +210,7 @@ class EraTarget(Target):
                 call.done.set()
             if stop:
                 return
-            # one archived writeset per round, even under load (as the
+            # one digest step per round, even under load (as the
             # kernel's worker), so old eras never pile up in the metadata
             if self._digest_pending:
                 self._digest_some()

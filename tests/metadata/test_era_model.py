@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 from era_fixtures import era_check_real
 from pydm.metadata.block_manager import MetadataError
+from pydm.metadata import era_md
 from pydm.metadata.era_check import check
-from pydm.metadata.era_md import EraMetadata
+from pydm.metadata.era_md import ERAS_PER_BLOCK, EraMetadata
 from pydm.store import FileStore
 
 
@@ -30,6 +31,7 @@ class Model:
         self.archived = {}             # era -> (nr_bits, set)
         self.eras = [0] * nr_blocks
         self.snap = None               # (nr_blocks, eras copy, archived copy)
+        self.digesting = None          # (era, nr_blocks, era array blocks done)
 
     def checkpoint(self):
         self.archive()
@@ -44,13 +46,31 @@ class Model:
     def mark(self, b):
         self.current[1].add(b)
 
-    def digest(self):
-        if self.archived:
-            era = min(self.archived)
-            nr_bits, bits = self.archived.pop(era)
-            for b in bits:
-                if b < min(nr_bits, self.nr_blocks):
+    def digest(self, step_blocks):
+        """The oldest writeset's blocks in its next window of ``step_blocks``
+        era array blocks that holds any; it goes with its last window (a
+        resize starts it over)."""
+        if not self.archived:
+            return
+        era = min(self.archived)
+        nr_bits, bits = self.archived[era]
+        n = min(nr_bits, self.nr_blocks)
+        span = step_blocks * ERAS_PER_BLOCK
+        pos = 0
+        if self.digesting is not None and self.digesting[:2] == (era, self.nr_blocks):
+            pos = self.digesting[2]
+        rest = sorted(b for b in bits if pos <= b < n)
+        if rest:
+            lo = rest[0] - rest[0] % span
+            for b in rest:
+                if b < lo + span:
                     self.eras[b] = era
+            pos = min(lo + span, n)
+        if any(pos <= b < n for b in bits):
+            self.digesting = (era, self.nr_blocks, pos)
+        else:
+            del self.archived[era]
+            self.digesting = None
 
     def resize(self, n):
         self.eras = (self.eras + [0] * n)[:n]
@@ -121,7 +141,7 @@ class Runner:
             m.checkpoint()
         elif op == "digest":
             md.digest_step()
-            m.digest()
+            m.digest(era_md.DIGEST_BLOCKS)
         elif op == "archive":
             md.archive()
             m.archive()
@@ -144,6 +164,7 @@ class Runner:
             self.store.close()
             self.store = FileStore(self.path)
             self.md = EraMetadata.open(self.store)
+            m.digesting = None             # a reopened writeset is digested from its start
             return
         md.commit()
         self.verify(rnd)
@@ -153,7 +174,11 @@ OPS = ["mark"] * 8 + ["checkpoint"] * 3 + ["digest"] * 2 + ["archive", "snap", "
                                                             "resize", "reopen"]
 
 
-def test_long_seeded_workload(tmp_path):
+@pytest.mark.parametrize("step_blocks", [era_md.DIGEST_BLOCKS, 1])
+def test_long_seeded_workload(tmp_path, monkeypatch, step_blocks):
+    # step 1: 3000 blocks make 3 era array blocks, so digests stop part-way
+    # through a writeset and meet checkpoints, snapshots, resizes and reopens
+    monkeypatch.setattr(era_md, "DIGEST_BLOCKS", step_blocks)
     path = tmp_path / "era.bin"
     path.write_bytes(bytes(8 << 20))
     r = Runner(str(path), 3000, real_check_every=5)
@@ -195,3 +220,42 @@ def test_era_counter_does_not_wrap(tmp_path):
     with pytest.raises(MetadataError, match="maximum"):
         md.checkpoint()
     assert era_check_real(str(path))[0] == 0
+
+
+def test_digest_fits_in_less_space_than_a_second_era_array(tmp_path, monkeypatch):
+    """A writeset touching every era array block is digested step by step,
+    each step committed, so its old copies are freed as it goes: metadata
+    with room for far less than a second era array is enough (folding it
+    in one go ran out of space, and the live target then failed writes to
+    unmarked blocks)."""
+    monkeypatch.setattr(era_md, "DIGEST_BLOCKS", 8)
+    nr = 64 * ERAS_PER_BLOCK                     # 64 era array blocks
+    probe = tmp_path / "probe.bin"
+    probe.write_bytes(bytes(4 << 20))
+    md = EraMetadata.format(FileStore(str(probe)), 8, nr)
+    md.checkpoint()
+    md.commit()
+    need = md.metadata_usage()[0] + 3 * 8         # what is used, and room for ~3 steps
+    path = tmp_path / "era.bin"
+    path.write_bytes(bytes(need * 4096))
+    md = EraMetadata.format(FileStore(str(path)), 8, nr)
+    md.checkpoint()
+    written = list(range(5, nr, ERAS_PER_BLOCK))  # one block in each array block
+    for b in written:
+        md.mark(b)
+    md.commit()
+    md.checkpoint()
+    md.commit()
+    used, total = md.metadata_usage()
+    assert total - used < 64 // 2, "the test needs less room than half an era array"
+    steps = 0
+    while md.digest_step():
+        md.commit()
+        steps += 1
+    md.commit()
+    assert steps >= 64 // 8 - 1 and not md.has_archived()
+    assert md.current_era == 2
+    assert as_set(md.changed_since(1)) == set(written)
+    assert as_set(md.changed_since(2)) == set()
+    rc, text = era_check_real(str(path))
+    assert rc == 0, text

@@ -350,3 +350,36 @@ def test_without_quiesce_the_random_run_misses_writes(env, monkeypatch):
     dev = c.create("e", era_table(tmp, _slow_origin(c, tmp, 20)))
     writes, checkpoints = _random_writers_with_checkpoints(c, dev, 50, seed=2)
     assert _missed(c, writes, checkpoints)
+
+
+def test_background_digest_fits_in_tight_metadata(env, monkeypatch):
+    """Metadata with room for the device but not for a second era array:
+    after a checkpoint, the archived writeset touches every era array block,
+    and the worker's digest, committed step by step, must fit (folded in one
+    go it ran out of space, and the target failed writes to unmarked blocks)."""
+    from pydm.metadata import era_md
+    from pydm.store import FileStore
+    c, tmp = env
+    monkeypatch.setattr(era_md, "DIGEST_BLOCKS", 8)
+    nr = 64 * era_md.ERAS_PER_BLOCK
+    probe = make_image(tmp / "probe.img", 4 << 20)
+    md = era_md.EraMetadata.format(FileStore(probe), BS, nr)
+    md.checkpoint()
+    md.commit()
+    make_image(tmp / "meta.img", (md.metadata_usage()[0] + 3 * 8) * 4096)
+    make_image(tmp / "origin.img", nr * BS * 512)
+    dev = c.create("e", era_table(tmp, nr=nr))
+    t = dev.live.targets[0]
+    written = list(range(5, nr, era_md.ERAS_PER_BLOCK))
+    for b in written:
+        assert write_block(dev, b) == 0
+    c.message("e", 0, "checkpoint")
+    deadline = time.monotonic() + 30
+    while t._digest_pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not t._digest_pending and t.failed is None
+    used, total = map(int, status(c, "e")[1].split("/"))
+    assert total - used < 64, "the metadata must not hold a second era array"
+    assert write_block(dev, 0) == 0
+    assert changed(c, "e", 1)[0] == set(written) | {0}
+    assert changed(c, "e", 2)[0] == {0}
