@@ -29,6 +29,10 @@ Rules of this module:
   preresume, after any previous table over the same metadata has committed
   and gone.
 
+Archived writesets are folded into the era array by the worker, one step
+per round, each committed; not while a metadata snapshot is held (it would
+keep a second copy of every era array block rewritten).
+
 Messages: ``checkpoint``, ``take_metadata_snap``, ``drop_metadata_snap`` (as
 the kernel), plus pydm's ``changed_since <era> [snapshot]`` (JSON) for the CLI.
 Status: ``<metadata block size> <used>/<total> <current era> <snapshot|->``.
@@ -282,6 +286,15 @@ class EraTarget(Target):
             self.ctx.event()
 
     def _digest_some(self):
+        if self.md.snapshot_block is not None:
+            # A held snapshot shares the era array, so every block a digest
+            # rewrote would be kept twice: as much again as the era array
+            # (the writeset taken with the snapshot often touches most of
+            # it).  The writesets wait in the tree, answering queries as
+            # well, and the digest goes on after drop_metadata_snap.
+            with self._cond:
+                self._digest_pending = False
+            return
         try:
             more = self.md.digest_step(1)
             self.md.commit()
@@ -347,6 +360,8 @@ class EraTarget(Target):
             raise TargetError("no metadata snapshot to drop", errno.EINVAL)
         self.md.drop_snapshot()
         self.md.commit()
+        if self.md.has_archived():
+            self._kick_digest()
 
     def _status_line(self):
         md = self.md
