@@ -31,7 +31,7 @@ from bitarray import bitarray
 from pydm.metadata import array, bitset, btree
 from pydm.metadata.block_manager import (BLOCK_SIZE, BlockManager, CorruptBlockError,
                                          MetadataError, Validator)
-from pydm.metadata.space_map import MAX_METADATA_BLOCKS, DiskSpaceMap
+from pydm.metadata.space_map import MAX_METADATA_BLOCKS, DiskSpaceMap, NoSpace
 from pydm.metadata.transaction import TransactionManager
 
 MAGIC = 2126579579
@@ -132,6 +132,25 @@ def read_era_array(reader, root, nr_blocks) -> np.ndarray:
     return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
 
 
+def space_advice(nr_blocks: int) -> str:
+    """How much metadata ``nr_blocks`` era blocks want, in words for people."""
+    writeset = -(-nr_blocks // bitset.BITS_PER_BLOCK)
+    mib = 1 << 20
+    return (f"the era array takes 4 bytes per block and each writeset "
+            f"{-(-writeset * BLOCK_SIZE // 1024)} KiB; give it at least "
+            f"{-(-metadata_blocks_wanted(nr_blocks) * BLOCK_SIZE // mib)} MiB")
+
+
+def metadata_blocks_wanted(nr_blocks: int) -> int:
+    """Metadata blocks to format for ``nr_blocks`` era blocks and keep
+    working: the era array and its btree, the current writeset and a few
+    archived ones, and a digest window."""
+    era_array = -(-nr_blocks // ERAS_PER_BLOCK)
+    writeset = -(-nr_blocks // bitset.BITS_PER_BLOCK)
+    return (era_array + era_array // 127 + 6 * writeset + 16
+            + min(DIGEST_BLOCKS, era_array))
+
+
 def bits_to_bool(bits: bitarray, n: int) -> np.ndarray:
     """The first n bits of a little-endian bitarray as a numpy bool array."""
     raw = np.frombuffer(bits.tobytes(), dtype=np.uint8)
@@ -187,11 +206,17 @@ class EraMetadata:
         sb.metadata_snap = 0
         md = cls(store, bm, tm, sm, sb)
         sm.ref_root = btree.empty(sm.rc_info)
-        sb.writeset_tree_root = btree.empty(md.ws_info)
-        sb.era_array_root = array.resize(md.ea_info, array.empty(md.ea_info), 0, nr_blocks,
-                                         bytes(ERA_VALUE))
-        md.era_array = np.zeros(nr_blocks, np.uint32)
-        md.commit()
+        try:
+            sb.writeset_tree_root = btree.empty(md.ws_info)
+            sb.era_array_root = array.resize(md.ea_info, array.empty(md.ea_info), 0,
+                                             nr_blocks, bytes(ERA_VALUE))
+            md.era_array = np.zeros(nr_blocks, np.uint32)
+            md.commit()
+        except NoSpace:
+            # nothing was written: the superblock goes last
+            raise MetadataError(f"metadata device too small for {nr_blocks} era blocks "
+                                f"({store.size} bytes): {space_advice(nr_blocks)}",
+                                errno.ENOSPC) from None
         return md
 
     @classmethod

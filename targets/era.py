@@ -69,8 +69,15 @@ _CONTEXT_RE = re.compile(r"^qemu:dirty-bitmap:era-since-(\d{1,10})$")
 def _open_metadata(store, block_size, nr_blocks):
     # Imported here: the metadata library (numpy) is only needed by tables
     # that use era.
-    from pydm.metadata.era_md import EraMetadata
-    return EraMetadata.open_or_format(store, block_size, nr_blocks)
+    from pydm.metadata import era_md
+    if (era_md.is_blank(store)
+            and store.size // era_md.BLOCK_SIZE < era_md.metadata_blocks_wanted(nr_blocks)):
+        # It might format, but run out of space at a checkpoint or a digest,
+        # and the target would then fail writes.  (Metadata made elsewhere
+        # is taken as it is, as the kernel does.)
+        raise era_md.MetadataError(f"too small for {nr_blocks} era blocks ({store.size} "
+                                   f"bytes): {era_md.space_advice(nr_blocks)}", errno.ENOSPC)
+    return era_md.EraMetadata.open_or_format(store, block_size, nr_blocks)
 
 
 class _Call:

@@ -353,20 +353,16 @@ def test_without_quiesce_the_random_run_misses_writes(env, monkeypatch):
 
 
 def test_background_digest_fits_in_tight_metadata(env, monkeypatch):
-    """Metadata with room for the device but not for a second era array:
+    """The least metadata the target takes has no room for a second era array:
     after a checkpoint, the archived writeset touches every era array block,
     and the worker's digest, committed step by step, must fit (folded in one
     go it ran out of space, and the target failed writes to unmarked blocks)."""
     from pydm.metadata import era_md
-    from pydm.store import FileStore
     c, tmp = env
     monkeypatch.setattr(era_md, "DIGEST_BLOCKS", 8)
     nr = 64 * era_md.ERAS_PER_BLOCK
-    probe = make_image(tmp / "probe.img", 4 << 20)
-    md = era_md.EraMetadata.format(FileStore(probe), BS, nr)
-    md.checkpoint()
-    md.commit()
-    make_image(tmp / "meta.img", (md.metadata_usage()[0] + 3 * 8) * 4096)
+    # the least metadata the target takes for this device
+    make_image(tmp / "meta.img", era_md.metadata_blocks_wanted(nr) * 4096)
     make_image(tmp / "origin.img", nr * BS * 512)
     dev = c.create("e", era_table(tmp, nr=nr))
     t = dev.live.targets[0]
@@ -379,7 +375,7 @@ def test_background_digest_fits_in_tight_metadata(env, monkeypatch):
         time.sleep(0.01)
     assert not t._digest_pending and t.failed is None
     used, total = map(int, status(c, "e")[1].split("/"))
-    assert total - used < 64, "the metadata must not hold a second era array"
+    assert total - used < 64 // 2, "the metadata must not hold a second era array"
     assert write_block(dev, 0) == 0
     assert changed(c, "e", 1)[0] == set(written) | {0}
     assert changed(c, "e", 2)[0] == {0}
@@ -391,15 +387,11 @@ def test_no_digest_while_a_metadata_snapshot_is_held(env, monkeypatch):
     it rewrites, which tight metadata has no room for) and is digested
     after drop-snap; queries answer the same throughout."""
     from pydm.metadata import era_md
-    from pydm.store import FileStore
     c, tmp = env
     monkeypatch.setattr(era_md, "DIGEST_BLOCKS", 8)
     nr = 64 * era_md.ERAS_PER_BLOCK
-    probe = make_image(tmp / "probe.img", 4 << 20)
-    md = era_md.EraMetadata.format(FileStore(probe), BS, nr)
-    md.checkpoint()
-    md.commit()
-    make_image(tmp / "meta.img", (md.metadata_usage()[0] + 3 * 8) * 4096)
+    # the least metadata the target takes for this device
+    make_image(tmp / "meta.img", era_md.metadata_blocks_wanted(nr) * 4096)
     make_image(tmp / "origin.img", nr * BS * 512)
     dev = c.create("e", era_table(tmp, nr=nr))
     t = dev.live.targets[0]
@@ -423,3 +415,24 @@ def test_no_digest_while_a_metadata_snapshot_is_held(env, monkeypatch):
     assert not t._call(t.md.has_archived)
     assert changed(c, "e", 1)[0] == written | {1}
     assert changed(c, "e", 2)[0] == {1}
+
+
+def test_blank_metadata_too_small_to_keep_working_is_refused(env):
+    """Blank metadata that could hold the era array but not the writesets
+    and a digest window is refused at load, with how much to give, and is
+    left blank."""
+    c, tmp = env
+    nr = 4 << 20                                 # 16 GiB at 4 KiB blocks
+    make_image(tmp / "meta.img", 17 << 20)       # the era array alone is 16.1 MiB
+    make_image(tmp / "origin.img", nr * BS * 512)
+    with pytest.raises(DMError) as e:
+        c.create("e", era_table(tmp, nr=nr))
+    assert e.value.errno == errno.ENOSPC
+    assert "too small for 4194304 era blocks" in str(e.value)
+    assert "give it at least 21 MiB" in str(e.value)
+    with open(tmp / "meta.img", "rb") as f:
+        assert f.read(4096) == bytes(4096)
+    assert c.stores.open_count() == 0
+    make_image(tmp / "meta.img", 21 << 20)
+    c.create("e", era_table(tmp, nr=nr))
+    assert status(c, "e")[2] == "1"
