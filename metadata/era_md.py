@@ -283,6 +283,20 @@ class EraMetadata:
     def uuid_text(self) -> str:
         return self.sb.uuid_text
 
+    def grow_to_store(self) -> bool:
+        """Take in the blocks a metadata file gained since its space map was
+        made (the file was made bigger); True if it grew.  The next commit
+        writes the larger space map."""
+        refresh = getattr(self.store, "refresh_size", None)
+        if refresh is not None:
+            refresh()
+        have = min(self.store.size // BLOCK_SIZE, MAX_METADATA_BLOCKS)
+        if have <= self.sm.nr_blocks:
+            return False
+        self.bm.nr_blocks = have
+        self.sm.extend(have - self.sm.nr_blocks)
+        return True
+
     def metadata_usage(self):
         return self.sm.nr_allocated, self.sm.nr_blocks
 

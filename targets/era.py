@@ -70,6 +70,7 @@ def _open_metadata(store, block_size, nr_blocks):
     # Imported here: the metadata library (numpy) is only needed by tables
     # that use era.
     from pydm.metadata import era_md
+    store.refresh_size()             # the file may have grown since it was opened
     if (era_md.is_blank(store)
             and store.size // era_md.BLOCK_SIZE < era_md.metadata_blocks_wanted(nr_blocks)):
         # It might format, but run out of space at a checkpoint or a digest,
@@ -77,7 +78,17 @@ def _open_metadata(store, block_size, nr_blocks):
         # is taken as it is, as the kernel does.)
         raise era_md.MetadataError(f"too small for {nr_blocks} era blocks ({store.size} "
                                    f"bytes): {era_md.space_advice(nr_blocks)}", errno.ENOSPC)
-    return era_md.EraMetadata.open_or_format(store, block_size, nr_blocks)
+    md = era_md.EraMetadata.open_or_format(store, block_size, nr_blocks)
+    # preresume takes in blocks the file has gained (grow_to_store)
+    total = max(md.metadata_usage()[1], min(store.size // era_md.BLOCK_SIZE,
+                                            era_md.MAX_METADATA_BLOCKS))
+    if md.nr_blocks < nr_blocks and total < era_md.metadata_blocks_wanted(nr_blocks):
+        # growing would run out of space at the resume that resizes it
+        md.close()
+        raise era_md.MetadataError(f"too small to grow from {md.nr_blocks} to {nr_blocks} "
+                                   f"era blocks ({total} metadata blocks): "
+                                   f"{era_md.space_advice(nr_blocks)}", errno.ENOSPC)
+    return md
 
 
 class _Call:
@@ -384,6 +395,9 @@ class EraTarget(Target):
 
     def _preresume_steps(self):
         self._open_md()
+        if not self.md.readonly and self.md.grow_to_store():
+            log.info("era: metadata %s grew to %d blocks", self.meta.ref,
+                     self.md.metadata_usage()[1])
         if self.md.nr_blocks != self.nr_blocks:
             self.md.resize(self.nr_blocks)
         self._rollover()

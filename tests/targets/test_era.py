@@ -436,3 +436,34 @@ def test_blank_metadata_too_small_to_keep_working_is_refused(env):
     make_image(tmp / "meta.img", 21 << 20)
     c.create("e", era_table(tmp, nr=nr))
     assert status(c, "e")[2] == "1"
+
+
+def test_metadata_file_made_bigger_lets_the_device_grow(env):
+    """Growing the device past what the metadata holds is refused at load
+    with the size to give it; once the file is that big, the load is taken,
+    the space map takes in the new blocks at resume, and tracking goes on
+    (the real era_check agrees)."""
+    import shutil
+    import subprocess
+    c, tmp = env
+    make_image(tmp / "meta.img", 1 << 20)
+    big = 1 << 20                                   # era blocks after growing (4 GiB)
+    make_image(tmp / "origin.img", big * BS * 512)
+    dev = c.create("e", era_table(tmp))
+    assert write_block(dev, 3) == 0
+    with pytest.raises(DMError) as e:
+        c.load("e", era_table(tmp, nr=big))
+    assert e.value.errno == errno.ENOSPC and "give it at least 6 MiB" in str(e.value)
+    with open(tmp / "meta.img", "r+b") as f:
+        f.truncate(6 << 20)
+    c.load("e", era_table(tmp, nr=big))
+    c.suspend("e")
+    c.resume("e")
+    used, total = map(int, status(c, "e")[1].split("/"))
+    assert total == 6 << 8 and used < total
+    assert write_block(dev, big - 1) == 0
+    assert changed(c, "e", 1)[0] == {3, big - 1}
+    c.remove("e")
+    if shutil.which("era_check"):
+        r = subprocess.run(["era_check", str(tmp / "meta.img")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
