@@ -386,16 +386,20 @@ class EraMetadata:
     # ------------------------------------------------------------- digest
     def digest_step(self, max_steps: int = 1) -> bool:
         """Fold the oldest archived writeset into the era array, one window
-        of DIGEST_BLOCKS era array blocks (the next one holding set bits)
-        per step; True if more remain.
+        of DIGEST_BLOCKS era array blocks' worth of origin blocks (from the
+        next set bit; fewer when metadata space is short) per step; True if
+        more remain.
 
         The writeset leaves the tree with its last step, so until then both
         say the same of its blocks, and a crash or reopen mid-way only means
         that writeset is folded again from its start (setting an entry to
         the era it already holds)."""
         sb = self.sb
-        span = DIGEST_BLOCKS * ERAS_PER_BLOCK        # origin blocks per window
         for _ in range(max_steps):
+            # a step needs about as many free blocks as it rewrites, plus a
+            # few for the btree and the space map: with little room left,
+            # smaller steps still get through (and free the writesets)
+            span = max(1, min(DIGEST_BLOCKS, (self.sm.nr_free - 16) // 2)) * ERAS_PER_BLOCK
             if not self.archived:
                 break
             era = min(self.archived)
@@ -407,7 +411,7 @@ class EraMetadata:
             bits, pos = cur[3], cur[4]
             first = bits.find(1, pos)
             if first >= 0:
-                lo = first - first % span
+                lo = first
                 hi = min(lo + span, len(bits))
                 part = lo + np.flatnonzero(bits_to_bool(bits[lo:hi], hi - lo))
                 self.era_array[part] = era

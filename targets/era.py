@@ -29,6 +29,12 @@ Rules of this module:
   preresume, after any previous table over the same metadata has committed
   and gone.
 
+A metadata change that fails part-way (out of space, an I/O error) goes
+back to the last commit: a message fails with the reason (and, when the
+metadata is full, what frees it), a batch of marks fails its writes with
+EIO, and the device goes on; only metadata that cannot be read back stops
+writes to unmarked blocks until the table is reloaded.
+
 Archived writesets are folded into the era array by the worker, one step
 per round, each committed; not while a metadata snapshot is held (it would
 keep a second copy of every era array block rewritten).
@@ -285,7 +291,9 @@ class EraTarget(Target):
                     md.mark_range(first, end)
                 md.commit()
             except Exception as e:
-                self._fail(f"metadata commit failed: {e}")
+                # as the kernel: these writes fail; the metadata goes back to
+                # its last commit and the next batch tries again
+                self._back_to_last_commit(f"metadata commit failed: {e}")
                 for b in bios:
                     b.complete(errno.EIO)
                 return
@@ -296,6 +304,47 @@ class EraTarget(Target):
             # what waits now, and these writes' successors
             self._expect = len(self._deferred) + len(bios)
         self._issue(bios)
+
+    def _back_to_last_commit(self, why):
+        """After a metadata change failed part-way (out of space, an I/O
+        error): drop what it left in memory and read the metadata back as
+        last committed, so the device carries on as before it.  ``committed``
+        is taken from what was read, which is right whichever side of its
+        superblock write the failure fell.  Runs in the worker."""
+        log.error("era: %s; back to the last commit", why)
+        md, self.md = self.md, None
+        if md is not None:
+            md.close()
+        from pydm.metadata.era_md import EraMetadata
+        try:
+            self.md = EraMetadata.open(self.meta)
+        except Exception as e:
+            self._fail(f"{why}; the metadata cannot be read back: {e}")
+            return
+        bits = self.md.current_bits
+        self.committed.setall(0)
+        if bits is not None:
+            n = min(self.md.sb.ws_nr_bits, self.nr_blocks)
+            self.committed[:n] = bits[:n]
+        self.generation += 1
+
+    def _change(self, fn):
+        """Run the metadata change ``fn`` (a message) in the worker; if it
+        fails part-way, go back to the last commit and say why, with what
+        to do when the metadata is full."""
+        try:
+            return fn()
+        except TargetError:
+            raise
+        except Exception as e:
+            self._back_to_last_commit(f"{fn.__name__.strip('_')} failed: {e}")
+            why = str(e) if isinstance(e, PydmError) else (e.strerror or str(e))
+            code = getattr(e, "errno", None) or errno.EIO
+            if code == errno.ENOSPC:
+                snap = self.md is not None and self.md.snapshot_block is not None
+                why += ("; drop the metadata snapshot to free space, or" if snap else ";") + \
+                    " make the metadata file bigger (taken in at the next resume)"
+            raise TargetError(why, code) from None
 
     def _fail(self, why):
         if not self.failed:
@@ -317,7 +366,9 @@ class EraTarget(Target):
             more = self.md.digest_step(1)
             self.md.commit()
         except Exception as e:
-            self._fail(f"digest failed: {e}")
+            # the writesets stay in the tree, answering as well; the next
+            # rollover tries again
+            self._back_to_last_commit(f"digest failed: {e}")
             more = False
         with self._cond:
             self._digest_pending = bool(more) and not self.failed
@@ -426,16 +477,16 @@ class EraTarget(Target):
             raise TargetError("era target is not active", errno.EINVAL)
         if cmd == "checkpoint":
             with self._quiesce():
-                self._call(self._rollover)
+                self._call(self._change, self._rollover)
             self.ctx.event()
             return None
         if cmd == "take_metadata_snap":
             with self._quiesce():
-                self._call(self._take_snap)
+                self._call(self._change, self._take_snap)
             self.ctx.event()
             return None
         if cmd == "drop_metadata_snap":
-            self._call(self._drop_snap)
+            self._call(self._change, self._drop_snap)
             self.ctx.event()
             return None
         if cmd == "changed_since":

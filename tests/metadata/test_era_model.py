@@ -48,8 +48,8 @@ class Model:
 
     def digest(self, step_blocks):
         """The oldest writeset's blocks in its next window of ``step_blocks``
-        era array blocks that holds any; it goes with its last window (a
-        resize starts it over)."""
+        era array blocks' worth of origin blocks, from its next set bit; it
+        goes with its last window (a resize starts it over)."""
         if not self.archived:
             return
         era = min(self.archived)
@@ -61,7 +61,7 @@ class Model:
             pos = self.digesting[2]
         rest = sorted(b for b in bits if pos <= b < n)
         if rest:
-            lo = rest[0] - rest[0] % span
+            lo = rest[0]
             for b in rest:
                 if b < lo + span:
                     self.eras[b] = era

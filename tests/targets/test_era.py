@@ -467,3 +467,80 @@ def test_metadata_file_made_bigger_lets_the_device_grow(env):
     if shutil.which("era_check"):
         r = subprocess.run(["era_check", str(tmp / "meta.img")], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
+
+
+def test_checkpoint_out_of_metadata_space_fails_cleanly_and_the_device_goes_on(env, monkeypatch):
+    """A held snapshot stops digests, so each checkpoint keeps a writeset:
+    tight metadata fills up.  The checkpoint that finds no room fails with
+    ENOSPC and what to do; the metadata goes back to its last commit, so
+    writes go on being tracked; dropping the snapshot lets the digest fold
+    the writesets (in smaller steps while room is short) and checkpoints
+    work again."""
+    from pydm.metadata import era_md
+    c, tmp = env
+    monkeypatch.setattr(era_md, "DIGEST_BLOCKS", 8)
+    nr = 64 * era_md.ERAS_PER_BLOCK
+    make_image(tmp / "meta.img", era_md.metadata_blocks_wanted(nr) * 4096)
+    make_image(tmp / "origin.img", nr * BS * 512)
+    dev = c.create("e", era_table(tmp, nr=nr))
+    t = dev.live.targets[0]
+    c.message("e", 0, "take_metadata_snap")
+    written = set()
+    for i in range(40):
+        for b in range(i, nr, era_md.ERAS_PER_BLOCK):
+            assert write_block(dev, b) == 0
+            written.add(b)
+        try:
+            c.message("e", 0, "checkpoint")
+        except DMError as e:
+            full = e
+            break
+    else:
+        pytest.fail("the metadata never filled up")
+    assert full.errno == errno.ENOSPC and "drop the metadata snapshot" in str(full)
+    era = current_era(c, "e")
+    assert t.failed is None and status(c, "e")[0] != "Error"
+    for b in (nr - 1, nr - 2):
+        assert write_block(dev, b) == 0
+    # the era the failed checkpoint would have ended goes on
+    assert changed(c, "e", era)[0] == set(range(i, nr, era_md.ERAS_PER_BLOCK)) | {nr - 1, nr - 2}
+    assert changed(c, "e", 1)[0] == written | {nr - 1, nr - 2}
+    c.message("e", 0, "drop_metadata_snap")
+    deadline = time.monotonic() + 30
+    while t._digest_pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not t._call(t.md.has_archived) and t.failed is None
+    c.message("e", 0, "checkpoint")
+    assert changed(c, "e", 1)[0] == written | {nr - 1, nr - 2}
+    c.remove("e")
+    r = __import__("subprocess").run(["era_check", str(tmp / "meta.img")],
+                                     capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_failed_mark_commit_fails_its_writes_only(env, monkeypatch):
+    """As the kernel: when the commit of a batch's marks fails, those writes
+    fail with EIO and never reach the origin; the metadata goes back to its
+    last commit and the next writes are tracked as before."""
+    c, tmp = env
+    dev = c.create("e", era_table(tmp))
+    t = dev.live.targets[0]
+    assert write_block(dev, 1) == 0
+    md = t.md
+    real = type(md).commit
+    fails = [1]
+
+    def commit_once_failing(self):
+        if fails:
+            fails.pop()
+            raise OSError(errno.EIO, "metadata device I/O error")
+        return real(self)
+    monkeypatch.setattr(type(md), "commit", commit_once_failing)
+    assert write_block(dev, 2, b"z") == errno.EIO
+    assert t.failed is None
+    with open(tmp / "origin.img", "rb") as f:
+        f.seek(2 * BS * 512)
+        assert f.read(4096) == bytes(4096)         # the failed write went nowhere
+    assert write_block(dev, 3) == 0
+    assert write_block(dev, 2) == 0
+    assert changed(c, "e", 1)[0] == {1, 2, 3}
