@@ -312,19 +312,21 @@ class EraTarget(Target):
         is taken from what was read, which is right whichever side of its
         superblock write the failure fell.  Runs in the worker."""
         log.error("era: %s; back to the last commit", why)
-        md, self.md = self.md, None
-        if md is not None:
-            md.close()
         from pydm.metadata.era_md import EraMetadata
         try:
-            self.md = EraMetadata.open(self.meta)
+            md = EraMetadata.open(self.meta)
         except Exception as e:
+            # the old object stays (other threads may look at it); writes
+            # see ``failed`` before they would touch it
             self._fail(f"{why}; the metadata cannot be read back: {e}")
             return
-        bits = self.md.current_bits
+        old, self.md = self.md, md
+        if old is not None:
+            old.close()
+        bits = md.current_bits
         self.committed.setall(0)
         if bits is not None:
-            n = min(self.md.sb.ws_nr_bits, self.nr_blocks)
+            n = min(md.sb.ws_nr_bits, self.nr_blocks)
             self.committed[:n] = bits[:n]
         self.generation += 1
 
