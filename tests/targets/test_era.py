@@ -544,3 +544,25 @@ def test_a_failed_mark_commit_fails_its_writes_only(env, monkeypatch):
     assert write_block(dev, 3) == 0
     assert write_block(dev, 2) == 0
     assert changed(c, "e", 1)[0] == {1, 2, 3}
+
+
+def test_a_failed_archive_on_suspend_leaves_the_device_usable(env, monkeypatch):
+    c, tmp = env
+    dev = c.create("e", era_table(tmp))
+    t = dev.live.targets[0]
+    assert write_block(dev, 4) == 0
+    real = type(t.md).commit
+    fails = [1]
+
+    def commit_once_failing(self):
+        if fails:
+            fails.pop()
+            raise OSError(errno.EIO, "metadata device I/O error")
+        return real(self)
+    monkeypatch.setattr(type(t.md), "commit", commit_once_failing)
+    c.suspend("e")
+    assert not fails and t.failed is None
+    c.resume("e")
+    assert current_era(c, "e") == 2
+    assert write_block(dev, 5) == 0
+    assert changed(c, "e", 1)[0] == {4, 5} and changed(c, "e", 2)[0] == {5}
