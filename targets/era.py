@@ -444,7 +444,8 @@ class EraTarget(Target):
     # ----------------------------------------------------- suspend/resume
     def preresume(self):
         self._start_worker()
-        self._call(self._preresume_steps)
+        # a failed resize or rollover leaves nothing half-done for the next try
+        self._call(self._change, self._preresume_steps)
 
     def _preresume_steps(self):
         self._open_md()

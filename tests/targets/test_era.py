@@ -566,3 +566,31 @@ def test_a_failed_archive_on_suspend_leaves_the_device_usable(env, monkeypatch):
     assert current_era(c, "e") == 2
     assert write_block(dev, 5) == 0
     assert changed(c, "e", 1)[0] == {4, 5} and changed(c, "e", 2)[0] == {5}
+
+
+def test_a_failed_resume_leaves_nothing_half_done(env, monkeypatch):
+    """A rollover that fails part-way at resume (here: after allocating a
+    new writeset) fails the resume, and the next resume starts from the
+    last commit: no block is left allocated and unreferenced."""
+    from pydm.metadata import bitset, era_md
+    from pydm.metadata.era_check import check
+    from pydm.store import FileStore
+    c, tmp = env
+    dev = c.create("e", era_table(tmp))
+    assert write_block(dev, 7) == 0
+    c.suspend("e")
+    real = era_md.EraMetadata.checkpoint
+
+    def checkpoint_failing_late(self):
+        bitset.create(self.bs_info, self.sb.nr_blocks)
+        raise era_md.NoSpace(self.sm.nr_blocks)
+    monkeypatch.setattr(era_md.EraMetadata, "checkpoint", checkpoint_failing_late)
+    with pytest.raises(DMError) as e:
+        c.resume("e")
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.setattr(era_md.EraMetadata, "checkpoint", real)
+    c.resume("e")
+    assert current_era(c, "e") == 2 and write_block(dev, 8) == 0
+    assert changed(c, "e", 1)[0] == {7, 8}
+    c.remove("e")
+    assert check(FileStore(str(tmp / "meta.img"), readonly=True)) == (True, [])
