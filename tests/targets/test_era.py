@@ -352,6 +352,24 @@ def test_without_quiesce_the_random_run_misses_writes(env, monkeypatch):
     assert _missed(c, writes, checkpoints)
 
 
+def _tight_era(c, tmp, monkeypatch):
+    """An era device over 64 era array blocks on the least metadata the
+    target takes, digesting 8 array blocks a step: (device, target, nr)."""
+    from pydm.metadata import era_md
+    monkeypatch.setattr(era_md, "DIGEST_BLOCKS", 8)
+    nr = 64 * era_md.ERAS_PER_BLOCK
+    make_image(tmp / "meta.img", era_md.metadata_blocks_wanted(nr) * 4096)
+    make_image(tmp / "origin.img", nr * BS * 512)
+    dev = c.create("e", era_table(tmp, nr=nr))
+    return dev, dev.live.targets[0], nr
+
+
+def _wait_digest(t, timeout=30):
+    deadline = time.monotonic() + timeout
+    while t._digest_pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_background_digest_fits_in_tight_metadata(env, monkeypatch):
     """The least metadata the target takes has no room for a second era array:
     after a checkpoint, the archived writeset touches every era array block,
@@ -359,20 +377,12 @@ def test_background_digest_fits_in_tight_metadata(env, monkeypatch):
     go it ran out of space, and the target failed writes to unmarked blocks)."""
     from pydm.metadata import era_md
     c, tmp = env
-    monkeypatch.setattr(era_md, "DIGEST_BLOCKS", 8)
-    nr = 64 * era_md.ERAS_PER_BLOCK
-    # the least metadata the target takes for this device
-    make_image(tmp / "meta.img", era_md.metadata_blocks_wanted(nr) * 4096)
-    make_image(tmp / "origin.img", nr * BS * 512)
-    dev = c.create("e", era_table(tmp, nr=nr))
-    t = dev.live.targets[0]
+    dev, t, nr = _tight_era(c, tmp, monkeypatch)
     written = list(range(5, nr, era_md.ERAS_PER_BLOCK))
     for b in written:
         assert write_block(dev, b) == 0
     c.message("e", 0, "checkpoint")
-    deadline = time.monotonic() + 30
-    while t._digest_pending and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_digest(t)
     assert not t._digest_pending and t.failed is None
     used, total = map(int, status(c, "e")[1].split("/"))
     assert total - used < 64 // 2, "the metadata must not hold a second era array"
@@ -388,22 +398,14 @@ def test_no_digest_while_a_metadata_snapshot_is_held(env, monkeypatch):
     after drop-snap; queries answer the same throughout."""
     from pydm.metadata import era_md
     c, tmp = env
-    monkeypatch.setattr(era_md, "DIGEST_BLOCKS", 8)
-    nr = 64 * era_md.ERAS_PER_BLOCK
-    # the least metadata the target takes for this device
-    make_image(tmp / "meta.img", era_md.metadata_blocks_wanted(nr) * 4096)
-    make_image(tmp / "origin.img", nr * BS * 512)
-    dev = c.create("e", era_table(tmp, nr=nr))
-    t = dev.live.targets[0]
+    dev, t, nr = _tight_era(c, tmp, monkeypatch)
     written = set(range(5, nr, era_md.ERAS_PER_BLOCK))
     for b in written:
         assert write_block(dev, b) == 0
     c.message("e", 0, "take_metadata_snap")
 
     def settle():
-        deadline = time.monotonic() + 30
-        while t._digest_pending and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_digest(t)
         assert not t._digest_pending and t.failed is None
     settle()
     assert t._call(t.md.has_archived)          # held back, not failed
@@ -478,12 +480,7 @@ def test_checkpoint_out_of_metadata_space_fails_cleanly_and_the_device_goes_on(e
     work again."""
     from pydm.metadata import era_md
     c, tmp = env
-    monkeypatch.setattr(era_md, "DIGEST_BLOCKS", 8)
-    nr = 64 * era_md.ERAS_PER_BLOCK
-    make_image(tmp / "meta.img", era_md.metadata_blocks_wanted(nr) * 4096)
-    make_image(tmp / "origin.img", nr * BS * 512)
-    dev = c.create("e", era_table(tmp, nr=nr))
-    t = dev.live.targets[0]
+    dev, t, nr = _tight_era(c, tmp, monkeypatch)
     c.message("e", 0, "take_metadata_snap")
     written = set()
     for i in range(40):
@@ -506,15 +503,13 @@ def test_checkpoint_out_of_metadata_space_fails_cleanly_and_the_device_goes_on(e
     assert changed(c, "e", era)[0] == set(range(i, nr, era_md.ERAS_PER_BLOCK)) | {nr - 1, nr - 2}
     assert changed(c, "e", 1)[0] == written | {nr - 1, nr - 2}
     c.message("e", 0, "drop_metadata_snap")
-    deadline = time.monotonic() + 30
-    while t._digest_pending and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_digest(t)
     assert not t._call(t.md.has_archived) and t.failed is None
     c.message("e", 0, "checkpoint")
     assert changed(c, "e", 1)[0] == written | {nr - 1, nr - 2}
     c.remove("e")
-    r = __import__("subprocess").run(["era_check", str(tmp / "meta.img")],
-                                     capture_output=True, text=True)
+    import subprocess
+    r = subprocess.run(["era_check", str(tmp / "meta.img")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
