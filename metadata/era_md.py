@@ -132,6 +132,11 @@ def read_era_array(reader, root, nr_blocks) -> np.ndarray:
     return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
 
 
+def usable_blocks(store) -> int:
+    """Metadata blocks ``store`` can hold (the space map's index bounds them)."""
+    return min(store.size // BLOCK_SIZE, MAX_METADATA_BLOCKS)
+
+
 def space_advice(nr_blocks: int) -> str:
     """How much metadata ``nr_blocks`` era blocks want, in words for people."""
     writeset = -(-nr_blocks // bitset.BITS_PER_BLOCK)
@@ -178,7 +183,7 @@ class EraMetadata:
     # ------------------------------------------------------------ opening
     @classmethod
     def format(cls, store, data_block_size: int, nr_blocks: int, uuid: bytes = None):
-        nr_meta = min(store.size // BLOCK_SIZE, MAX_METADATA_BLOCKS)
+        nr_meta = usable_blocks(store)
         if nr_meta < MIN_METADATA_BLOCKS:
             raise MetadataError(f"metadata device too small: {store.size} bytes "
                                 f"(at least {MIN_METADATA_BLOCKS * BLOCK_SIZE})", errno.ENOSPC)
@@ -290,7 +295,7 @@ class EraMetadata:
         refresh = getattr(self.store, "refresh_size", None)
         if refresh is not None:
             refresh()
-        have = min(self.store.size // BLOCK_SIZE, MAX_METADATA_BLOCKS)
+        have = usable_blocks(self.store)
         if have <= self.sm.nr_blocks:
             return False
         self.bm.nr_blocks = have
@@ -396,12 +401,12 @@ class EraMetadata:
         the era it already holds)."""
         sb = self.sb
         for _ in range(max_steps):
+            if not self.archived:
+                break
             # a step needs about as many free blocks as it rewrites, plus a
             # few for the btree and the space map: with little room left,
             # smaller steps still get through (and free the writesets)
             span = max(1, min(DIGEST_BLOCKS, (self.sm.nr_free - 16) // 2)) * ERAS_PER_BLOCK
-            if not self.archived:
-                break
             era = min(self.archived)
             nr_bits, root = self.archived[era]
             cur = self._digest

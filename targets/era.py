@@ -78,7 +78,7 @@ def _open_metadata(store, block_size, nr_blocks):
     from pydm.metadata import era_md
     store.refresh_size()             # the file may have grown since it was opened
     if (era_md.is_blank(store)
-            and store.size // era_md.BLOCK_SIZE < era_md.metadata_blocks_wanted(nr_blocks)):
+            and era_md.usable_blocks(store) < era_md.metadata_blocks_wanted(nr_blocks)):
         # It might format, but run out of space at a checkpoint or a digest,
         # and the target would then fail writes.  (Metadata made elsewhere
         # is taken as it is, as the kernel does.)
@@ -86,8 +86,7 @@ def _open_metadata(store, block_size, nr_blocks):
                                    f"bytes): {era_md.space_advice(nr_blocks)}", errno.ENOSPC)
     md = era_md.EraMetadata.open_or_format(store, block_size, nr_blocks)
     # preresume takes in blocks the file has gained (grow_to_store)
-    total = max(md.metadata_usage()[1], min(store.size // era_md.BLOCK_SIZE,
-                                            era_md.MAX_METADATA_BLOCKS))
+    total = max(md.metadata_usage()[1], era_md.usable_blocks(store))
     if md.nr_blocks < nr_blocks and total < era_md.metadata_blocks_wanted(nr_blocks):
         # growing would run out of space at the resume that resizes it
         md.close()
