@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark pydm's NBD server against nbdkit (file plugin) and qemu-nbd.
 
-Method (shared/bench/README.md): one 256 MiB file of random data; pydm
+Method: one 256 MiB file of random data; pydm
 serves it through a linear device, nbdkit and qemu-nbd serve the same file;
 fio's nbd engine runs each job against each server in turn (servers
 alternate within every round), three rounds by default; the table shows the

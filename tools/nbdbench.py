@@ -1,7 +1,7 @@
 """Shared pieces of the fio-over-NBD benchmarks in tools/ (not a test module).
 
 fio's nbd engine prints "fio: connected to NBD server" before its JSON, so
-the JSON is parsed from the first "{" (shared/bench/README.md).
+the JSON is parsed from the first "{".
 """
 
 import json

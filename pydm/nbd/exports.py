@@ -81,7 +81,7 @@ class Catalog:
 
 
 def block_status(dev, context: str, offset: int, length: int, req_one: bool):
-    """[(bytes, flags)] extents for a BLOCK_STATUS request (spec §3.3).
+    """[(bytes, flags)] extents for a BLOCK_STATUS request (proto.md, NBD_CMD_BLOCK_STATUS).
 
     Asks the device repeatedly (it may answer less than asked, e.g. at a
     target boundary) until the request is covered or enough extents are in.

@@ -15,8 +15,8 @@ Rules of this module:
   Anything the client can recover from is an error *reply*, never an
   exception.
 
-The wire format is summarised in shared/spec/nbd.md; section numbers below
-refer to it.
+The wire format is the NBD protocol document (doc/proto.md of the
+NetworkBlockDevice/nbd project); references below name its sections.
 """
 
 import struct
@@ -381,7 +381,7 @@ class ServerHandshake:
     def tls_established(self) -> None:
         self._move(EV_TLS_UP)
         self.tls_active = True
-        # Everything negotiated in the clear is forgotten (spec §1.3).
+        # Everything negotiated in the clear is forgotten (proto.md, "TLS support": the server MUST forget it).
         self._reset_negotiation()
 
     def close(self) -> None:
@@ -533,7 +533,7 @@ _HANDLERS = {
 
 
 def _parse_meta_request(data):
-    """(export name, [query]) or None when a length overruns (spec §3.2)."""
+    """(export name, [query]) or None when a length overruns (proto.md, NBD_OPT_LIST_META_CONTEXT)."""
     if len(data) < 8:
         return None
     (n,) = _U32.unpack_from(data, 0)
@@ -571,7 +571,7 @@ def _matches(query: str, context: str) -> bool:
 # ------------------------------------------------------------ transmission
 def check_request(session: Session, size: int, flags: int, cmd: int,
                   offset: int, length: int) -> int:
-    """0 if the request may run, else the NBD error to answer (spec §2.5).
+    """0 if the request may run, else the NBD error to answer (proto.md, "Request types" and "Error values").
 
     ``size`` is the export's size now (a table reload may have changed it).
     Lengths over MAX_PAYLOAD for WRITE are the socket layer's business (it

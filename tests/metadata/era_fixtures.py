@@ -7,7 +7,8 @@ import subprocess
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FIXTURES = os.path.normpath(os.path.join(HERE, "..", "..", "..", "shared", "fixtures", "era"))
+# Made by the real thin-provisioning-tools 0.9.0; see the README beside them.
+FIXTURES = os.path.normpath(os.path.join(HERE, "..", "fixtures", "era"))
 NAMES = ["fresh64", "small64", "multi1000", "wstree210", "snap64"]
 SINCE = [0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 100, 200, 211]
 
