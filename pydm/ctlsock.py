@@ -17,12 +17,16 @@ import socket
 import threading
 
 from pydm import __version__
+from pydm.ctlargs import check_request
 from pydm.errors import DMError, PydmError, strerror
-from pydm.paths import default_socket_path  # noqa: F401 (re-exported)
+from pydm.lockdep import make_lock
+from pydm.paths import socket_path
+from pydm.sockets import Refusals, accept_loop, bind_unix, unlink_if_ours
 
 log = logging.getLogger("pydm.control")
 
-MAX_LINE = 16 << 20
+MAX_LINE = 16 << 20          # bytes in one request line
+MAX_CONNECTIONS = 64         # control connections open at once
 
 
 # --------------------------------------------------------------- handlers
@@ -93,119 +97,144 @@ HANDLERS = {
 
 
 class ControlServer:
-    def __init__(self, control, path: str, handlers=None):
+    def __init__(self, control, path: str, handlers=None,
+                 max_connections: int = MAX_CONNECTIONS):
         self.control = control
         self.path = path
         self.handlers = dict(HANDLERS)
         if handlers:
             self.handlers.update(handlers)
+        self.max_connections = max_connections
         self._sock = None
+        self._identity = None
         self._thread = None
-        self._closing = False
+        self._closing = threading.Event()
+        self._lock = make_lock("control.conns")
         self._conns = set()
+        self._refusals = Refusals("control socket")
 
-    def start(self) -> None:
+    def bind(self) -> None:
+        """Claim the socket path (refusing one in use); accept nothing yet."""
+        if self._sock is not None:
+            return
         d = os.path.dirname(self.path)
         if d:
-            os.makedirs(d, mode=0o700, exist_ok=True)
-        if os.path.exists(self.path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                probe.connect(self.path)
-            except OSError:
-                os.unlink(self.path)        # stale socket of a dead daemon
-            else:
-                probe.close()
-                raise PydmError(f"another pydm daemon is already listening on {self.path}",
-                                errno.EADDRINUSE)
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            sock.bind(self.path)
-        except OSError as e:
-            sock.close()
-            raise PydmError(f"cannot create control socket {self.path}: "
-                            f"{strerror(e.errno)}", e.errno) from None
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
-        sock.listen(64)
-        self._sock = sock
-        self._thread = threading.Thread(target=self._accept, name="pydm-control", daemon=True)
+                os.makedirs(d, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise PydmError(f"cannot create the directory of the control socket "
+                                f"{self.path}: {strerror(e.errno)}", e.errno) from None
+        self._sock, self._identity = bind_unix(self.path, "control socket", 0o600, 64)
+
+    def start(self) -> None:
+        self.bind()
+        self._thread = threading.Thread(
+            target=accept_loop, name="pydm-control", daemon=True,
+            args=(self._sock, self._closing, self._accepted, "control socket"))
         self._thread.start()
 
     def stop(self) -> None:
-        self._closing = True
+        self._closing.set()
         if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             self._sock.close()
-        for conn in list(self._conns):
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
             try:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
         if self._thread is not None:
             self._thread.join(5)
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        if self._identity is not None:
+            unlink_if_ours(self.path, self._identity)
+            self._identity = None
 
-    def _accept(self):
-        while not self._closing:
+    def _accepted(self, conn, _addr):
+        with self._lock:
+            full = len(self._conns) >= self.max_connections
+            if not full:
+                self._conns.add(conn)
+        if full:
+            # Say why in the protocol's own words, then hang up: the client
+            # reads this as the reply to whatever it sends first.
+            self._refusals.refused(f"{self.max_connections} already open")
             try:
-                conn, _ = self._sock.accept()
+                conn.settimeout(0)
+                conn.send(_encode({"ok": False, "errno": errno.EBUSY,
+                                   "error": f"too many control connections "
+                                            f"({self.max_connections} open); try again"}))
             except OSError:
-                return
-            self._conns.add(conn)
+                pass
+            conn.close()
+            return
+        self._refusals.accepted()
+        try:
             threading.Thread(target=self._serve, args=(conn,), name="pydm-control-conn",
                              daemon=True).start()
+        except RuntimeError:          # no thread to be had: like a full table
+            self._forget(conn)
+            conn.close()
+
+    def _forget(self, conn):
+        with self._lock:
+            self._conns.discard(conn)
 
     def _serve(self, conn):
         f = conn.makefile("rb")
         try:
             while True:
-                line = f.readline(MAX_LINE)
+                line = f.readline(MAX_LINE + 1)
                 if not line:
                     return
-                reply = self.handle_line(line)
-                conn.sendall(json.dumps(reply).encode() + b"\n")
+                if len(line) > MAX_LINE:
+                    # Too long: the whole line is refused, never cut in two.
+                    while line and not line.endswith(b"\n"):
+                        line = f.readline(MAX_LINE)
+                    reply = _error(f"request longer than {MAX_LINE} bytes", errno.E2BIG)
+                else:
+                    reply = self.handle_line(line)
+                conn.sendall(_encode(reply))
         except OSError:
             return
         finally:
-            self._conns.discard(conn)
+            self._forget(conn)
             f.close()
             conn.close()
 
     def handle_line(self, line: bytes) -> dict:
         try:
             req = json.loads(line)
-            op = req["op"]
-            args = req.get("args") or {}
-            if not isinstance(args, dict):
-                raise ValueError("args must be an object")
-        except (ValueError, KeyError, TypeError) as e:
-            return {"ok": False, "error": f"malformed request: {e}", "errno": errno.EINVAL}
-        handler = self.handlers.get(op)
-        if handler is None:
-            return {"ok": False, "error": f"unknown command {op!r}", "errno": errno.EINVAL}
+        except RecursionError:
+            return _error("malformed request: nested too deeply")
+        except ValueError as e:          # includes UnicodeDecodeError
+            return _error(f"malformed request: {e}")
+        try:
+            op, args = check_request(req, self.handlers)
+        except PydmError as e:
+            return _error(str(e), e.errno)
+        handler = self.handlers[op]
         try:
             return {"ok": True, "result": handler(self.control, args)}
         except PydmError as e:
-            return {"ok": False, "error": str(e), "errno": e.errno}
+            return _error(str(e), e.errno)
         except KeyError as e:
-            return {"ok": False, "error": f"missing argument {e}", "errno": errno.EINVAL}
-        except (ValueError, TypeError) as e:
-            return {"ok": False, "error": f"bad argument: {e}", "errno": errno.EINVAL}
+            return _error(f"missing argument {e}")
         except Exception as e:     # a bug: report it, keep the daemon alive
             log.exception("control command %s failed", op)
-            return {"ok": False, "error": f"internal error in {op}: {e!r}",
-                    "errno": errno.EIO}
+            return _error(f"internal error in {op}: {e!r}", errno.EIO)
+
+
+def _error(text, err=errno.EINVAL) -> dict:
+    return {"ok": False, "error": text, "errno": err}
+
+
+def _encode(reply) -> bytes:
+    return json.dumps(reply).encode() + b"\n"
 
 
 class ControlError(PydmError):
@@ -214,11 +243,13 @@ class ControlError(PydmError):
 
 class ControlClient:
     def __init__(self, path: str = None, timeout=None):
-        self.path = path or default_socket_path()
+        self.path = socket_path(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
         try:
+            # A blocking connect waits for room in a busy daemon's backlog;
+            # the timeout is for the replies.
             sock.connect(self.path)
+            sock.settimeout(timeout)
         except OSError as e:
             sock.close()
             raise PydmError(f"cannot reach the pydm daemon at {self.path}: "
@@ -231,13 +262,38 @@ class ControlClient:
         msg = json.dumps({"op": op, "args": args}).encode() + b"\n"
         try:
             self._sock.sendall(msg)
-            line = self._file.readline(MAX_LINE)
+        except OSError as e:
+            # The daemon may have refused the connection with a reply first.
+            line = self._pending_line()
+            if not line:
+                raise PydmError(f"lost the connection to the pydm daemon: "
+                                f"{strerror(e.errno)}", e.errno or errno.EPIPE) from None
+        else:
+            line = self._read_line()
+        return self._result(line)
+
+    def _pending_line(self):
+        try:
+            self._sock.settimeout(1)
+            return self._file.readline(MAX_LINE)
+        except OSError:
+            return b""
+
+    def _read_line(self):
+        try:
+            return self._file.readline(MAX_LINE)
         except OSError as e:
             raise PydmError(f"lost the connection to the pydm daemon: {strerror(e.errno)}",
                             e.errno or errno.EPIPE) from None
+
+    @staticmethod
+    def _result(line):
         if not line:
             raise PydmError("the pydm daemon closed the connection", errno.EPIPE)
-        reply = json.loads(line)
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            raise PydmError("the pydm daemon sent a malformed reply", errno.EPROTO) from None
         if not reply.get("ok"):
             raise ControlError(reply.get("error", "failed"), reply.get("errno", errno.EIO))
         return reply.get("result")

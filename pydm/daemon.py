@@ -39,6 +39,11 @@ class Daemon:
             log.info("created device %s (%d sectors)", spec.name,
                      self.control.get(spec.name).size_sectors)
 
+    def claim(self) -> None:
+        """Take the control socket before anything else: a second daemon on
+        the same socket stops here, before it opens a single device file."""
+        self.ctl.bind()
+
     def start(self) -> None:
         self.ctl.start()
         started = []

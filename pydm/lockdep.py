@@ -300,4 +300,7 @@ declare_order(
     "dev.open",
     "dev.event",
     "store.pool",
+    "store.claims",
+    "nbd.conn.mem",
+    "nbd.budget",
 )

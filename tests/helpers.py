@@ -81,8 +81,11 @@ class Cli:
 
 
 class Daemon:
-    def __init__(self, tmp_path, config=None, extra=()):
-        self.sock = tmp_path / "ctl.sock"
+    """``pydm serve`` in a subprocess; ``wrapper`` (e.g. ``["prlimit",
+    "--nofile=40:40"]``) runs it under another command."""
+
+    def __init__(self, tmp_path, config=None, extra=(), wrapper=(), sock=None):
+        self.sock = sock or tmp_path / "ctl.sock"
         self.log = open(tmp_path / "daemon.log", "w+")
         extra = list(extra)
         if not any(a in extra for a in ("--unix", "--port", "--listen")):
@@ -90,7 +93,7 @@ class Daemon:
         args = [sys.executable, "-m", "pydm", "serve", "--socket", str(self.sock), *extra]
         if config is not None:
             args.insert(4, str(config))
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen([*wrapper, *args], stdout=self.log, stderr=subprocess.STDOUT,
                                      env=pydm_env(self.sock), cwd=tmp_path)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -3,7 +3,8 @@
 import logging
 import os
 
-from pydm.paths import default_socket_path
+from pydm.errors import PydmError
+from pydm.paths import default_socket_path, socket_path
 
 
 def register(sub):
@@ -44,6 +45,9 @@ def register(sub):
                           "(default: the only device, when there is one)")
     nbd.add_argument("--nbd-readonly", action="store_true",
                      help="serve every export read-only")
+    nbd.add_argument("--handshake-limit", type=float, default=None, metavar="SECONDS",
+                     help="drop a client that has not finished the handshake within "
+                          "this time (default 10, like qemu-nbd)")
     nbd.add_argument("--nbd-workers", type=int, default=None, metavar="N",
                      help="most worker threads per connection, for large requests and "
                           "replies completed elsewhere (default 4)")
@@ -64,14 +68,16 @@ def run(args):
         specs = load_config(args.config)
     else:
         specs = demo.demo_specs(args.state_dir or demo.default_state_dir())
-    daemon = Daemon(args.socket or default_socket_path())
+    daemon = Daemon(socket_path(args.socket, create=True))
     nbd = None if args.no_nbd else nbd_service(daemon.control, args)
     if nbd is not None:
         daemon.add_service(nbd)
-    daemon.create_devices(specs)
+    daemon.claim()
     try:
+        daemon.create_devices(specs)
         daemon.start()
     except BaseException:
+        daemon.ctl.stop()
         daemon.control.shutdown()
         raise
     names = ", ".join(daemon.control.names()) or "none"
@@ -98,8 +104,12 @@ def nbd_listen_spec(args):
 
 
 def nbd_service(control, args):
-    from pydm.nbd.server import DEFAULT_WORKERS, NBDServer
-    return NBDServer(control, nbd_listen_spec(args), tls=args.tls,
+    from pydm.nbd.server import DEFAULT_WORKERS, HANDSHAKE_LIMIT, NBDServer
+    limit = HANDSHAKE_LIMIT if args.handshake_limit is None else args.handshake_limit
+    if not limit > 0:
+        raise PydmError(f"--handshake-limit must be a positive number of seconds, "
+                        f"not {args.handshake_limit}")
+    return NBDServer(control, nbd_listen_spec(args), tls=args.tls, handshake_limit=limit,
                      tls_certificates=args.tls_certificates,
                      tls_verify_peer=args.tls_verify_peer,
                      default_export=args.export_default, readonly=args.nbd_readonly,

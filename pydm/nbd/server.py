@@ -35,29 +35,30 @@ Rules of this module:
 
 import errno
 import logging
-import os
 import queue
 import socket
 import threading
+import time
 
 from pydm.bio import (Bio, DISCARD, FLUSH, READ, REQ_FUA, REQ_NOUNMAP, REQ_PREFLUSH,
                       WRITE, WRITE_ZEROES)
 from pydm.errors import DMError, PydmError, nbd_error
-from pydm.lockdep import make_condition, make_lock
+from pydm.lockdep import make_event, make_lock
 from pydm.nbd import protocol as P
+from pydm.nbd.admission import (CONNECTION_RESERVE, MAX_INFLIGHT_BYTES, SERVER_BUDGET,
+                                Admission, Leaving, ServerBudget)
 from pydm.nbd.buffers import BufferPool
 from pydm.nbd.exports import Catalog, block_status
 from pydm.nbd.transport import PlainTransport, TLSTransport, make_tls_context, set_nodelay
+from pydm.sockets import Refusals, accept_loop, bind_unix, unlink_if_ours
 
 log = logging.getLogger("pydm.nbd")
 
 DEFAULT_PORT = 10809
-HANDSHAKE_TIMEOUT = 30.0
+HANDSHAKE_LIMIT = 10.0         # s for the whole handshake (qemu-nbd's default)
 DRAIN_TIMEOUT = 30.0           # wait for in-flight bios when a client leaves
 STOP_DRAIN_TIMEOUT = 5.0
 RBUF_SIZE = 256 << 10
-MAX_INFLIGHT_BYTES = 64 << 20  # payload buffers per connection
-MAX_INFLIGHT_REQUESTS = 512
 MAX_CONNECTIONS = 256
 BATCH_PARTS = 128              # iovec entries per batched sendmsg (IOV_MAX 1024)
 BATCH_BYTES = 2 << 20
@@ -87,11 +88,10 @@ class Connection:
         self.peer = peer
         self.wlock = make_lock("nbd.conn.write")
         self.transport = PlainTransport(sock)
-        self.mem = make_condition(name="nbd.conn.mem")
-        self.inflight = 0
-        self.inflight_bytes = 0
-        self.mem_waiting = False
+        self.adm = Admission(server.budget, server.reserve, server.max_inflight_bytes)
         self.closed = False
+        self.leaving = False        # server stop: stop waiting for memory
+        self.deadline = None        # monotonic time the handshake must end by
         self.handshake = None
         self.session = None
         self.structured = False
@@ -123,12 +123,13 @@ class Connection:
     def run(self):
         self.reader_ident = _get_ident()
         try:
-            self.sock.settimeout(HANDSHAKE_TIMEOUT)
+            self.deadline = time.monotonic() + self.server.handshake_limit
             session = self._handshake()
             if session is not None:
+                self.deadline = None
                 self.sock.settimeout(None)
                 self._transmission(session)
-        except Disconnect:
+        except (Disconnect, Leaving):
             log.debug("%s: disconnected", self.peer)
         except P.ProtocolError as e:
             log.warning("nbd %s: protocol violation: %s; disconnecting", self.peer, e)
@@ -144,6 +145,8 @@ class Connection:
 
     def shutdown(self):
         """Ask the reader to stop (server stop): it sees end of stream."""
+        self.leaving = True
+        self.adm.wake()
         if self.handshake is not None:
             self.handshake.shutting_down = True
         try:
@@ -177,10 +180,18 @@ class Connection:
         self.server._forget(self)
 
     def _wait_drained(self, timeout):
-        with self.mem:
-            if self.inflight and not self.mem.wait_for(lambda: not self.inflight, timeout):
-                log.warning("nbd %s: closing with %d requests still in flight",
-                            self.peer, self.inflight)
+        if not self.adm.wait_drained(timeout):
+            log.warning("nbd %s: closing with %d requests still in flight",
+                        self.peer, self.adm.inflight)
+
+    def _arm_deadline(self):
+        """During the handshake every receive and send gets only what is
+        left of the whole handshake's time, so a client trickling bytes
+        cannot hold a connection slot for longer than that."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("handshake time limit")
+        self.sock.settimeout(left)
 
     # --------------------------------------------------------- reading
     def _fill(self, need):
@@ -195,6 +206,8 @@ class Connection:
             rend = have
         if self.pending:
             self._flush_pending()
+        if self.deadline is not None:
+            self._arm_deadline()
         recv = self.transport.recv_into
         cap = self.fill_cap
         while have < need:
@@ -203,6 +216,8 @@ class Connection:
                 raise Disconnect()
             rend += n
             have += n
+            if have < need and self.deadline is not None:
+                self._arm_deadline()
         self.rend = rend
 
     def _read_exact(self, n) -> bytes:
@@ -248,13 +263,17 @@ class Connection:
         with self.wlock:
             self.transport.send(parts)
 
+    def _send_handshake(self, parts):
+        self._arm_deadline()
+        self._send_now(parts)
+
     def _handshake(self):
         srv = self.server
         hs = P.ServerHandshake(srv.catalog, srv.tls_mode, srv.ssl_context is not None)
         self.handshake = hs
         if srv.stopping:
             hs.shutting_down = True
-        self._send_now([hs.greeting()])
+        self._send_handshake([hs.greeting()])
         hs.client_flags(self._read_exact(4))
         while True:
             opt, length = hs.option_header(self._read_exact(16))
@@ -266,7 +285,7 @@ class Connection:
             if out.message:
                 log.info("nbd %s: %s", self.peer, out.message)
             if out.reply:
-                self._send_now([out.reply])
+                self._send_handshake([out.reply])
             if out.action == P.CONTINUE:
                 continue
             if out.action == P.STARTTLS:
@@ -281,6 +300,7 @@ class Connection:
         if self.rend != self.rpos:
             raise P.ProtocolError("data sent after STARTTLS before the TLS handshake")
         t = TLSTransport(self.sock, self.server.ssl_context, self.wlock)
+        self._arm_deadline()
         t.handshake()
         self.transport = t
         who = t.peer_subject()
@@ -307,7 +327,7 @@ class Connection:
         self._serve()
 
     def _add_worker(self):
-        with self.mem:              # completions on foreign threads may race here
+        with self.adm.mem:          # completions on foreign threads may race here
             i = self.nworkers
             if i and i >= self.server.workers:
                 return
@@ -580,7 +600,7 @@ class Connection:
                 if buf is not None:
                     put(buf)
                 nbytes += n
-            self._release_counts(len(rel), nbytes)
+            self.adm.release(len(rel), nbytes)
 
     def _send_failed(self, e):
         if not self.closed:
@@ -593,47 +613,35 @@ class Connection:
 
     # ------------------------------------------------------- accounting
     def _admit(self, nbytes):
-        mem = self.mem
-        with mem:
-            if (not self.inflight or (self.inflight < MAX_INFLIGHT_REQUESTS and
-                                      self.inflight_bytes + nbytes <= MAX_INFLIGHT_BYTES)):
-                self.inflight += 1
-                self.inflight_bytes += nbytes
-                return
-        # Over the bound: our own batch holds replies that free memory.
-        self._flush_pending()
-        with mem:
-            self.mem_waiting = True
-            while self.inflight and (self.inflight >= MAX_INFLIGHT_REQUESTS or
-                                     self.inflight_bytes + nbytes > MAX_INFLIGHT_BYTES):
-                mem.wait()
-            self.mem_waiting = False
-            self.inflight += 1
-            self.inflight_bytes += nbytes
+        adm = self.adm
+        if not adm.try_admit(nbytes):
+            # Over a bound: our own batch holds replies that free memory.
+            adm.admit(nbytes, self._flush_pending, self._is_leaving)
+
+    def _is_leaving(self):
+        return self.leaving or self.closed
 
     def _release(self, buf, n):
         if buf is not None:
             self.server.pool.put(buf)
-        self._release_counts(1, n)
-
-    def _release_counts(self, count, nbytes):
-        mem = self.mem
-        with mem:
-            self.inflight -= count
-            self.inflight_bytes -= nbytes
-            if self.mem_waiting or not self.inflight:
-                mem.notify_all()
+        self.adm.release(1, n)
 
 
 class NBDServer:
     """The NBD listener service of a pydm daemon (``start()`` / ``stop()``).
 
     ``listen`` is a list of ("tcp", host, port) and ("unix", path) entries.
+    ``handshake_limit`` bounds the whole handshake in seconds; the memory
+    bounds are admission.py's (per connection, its reserve, and the budget
+    every connection draws from beyond its reserve).
     """
 
     def __init__(self, control, listen=(("tcp", "127.0.0.1", DEFAULT_PORT),),
                  tls="off", tls_certificates=None, tls_verify_peer=False,
-                 default_export=None, readonly=False, workers=DEFAULT_WORKERS):
+                 default_export=None, readonly=False, workers=DEFAULT_WORKERS,
+                 handshake_limit=HANDSHAKE_LIMIT, max_connections=MAX_CONNECTIONS,
+                 max_inflight_bytes=MAX_INFLIGHT_BYTES, reserve=CONNECTION_RESERVE,
+                 budget=SERVER_BUDGET):
         if tls not in P.TLS_MODES:
             raise PydmError(f"--tls must be one of {', '.join(P.TLS_MODES)}")
         self.control = control
@@ -644,13 +652,23 @@ class NBDServer:
             self.ssl_context = make_tls_context(tls_certificates, tls_verify_peer)
         self.catalog = Catalog(control, default_export, readonly)
         self.workers = workers
+        self.handshake_limit = handshake_limit
+        self.max_connections = max_connections
+        self.max_inflight_bytes = max_inflight_bytes
+        self.reserve = reserve
+        self.budget = ServerBudget(budget)
         self.pool = BufferPool()
-        self.stopping = False
+        self._closing = make_event()
+        self._refusals = Refusals("NBD server")
         self._lock = make_lock("nbd.server")
         self._conns = set()
         self._listeners = []
         self._threads = []
         self.addresses = []        # what we really bound (port 0 resolved)
+
+    @property
+    def stopping(self) -> bool:
+        return self._closing.is_set()
 
     # -------------------------------------------------------- lifecycle
     def start(self):
@@ -660,9 +678,12 @@ class NBDServer:
         except BaseException:
             self._close_listeners()
             raise
-        for sock, label in self._listeners:
-            t = threading.Thread(target=self._accept, args=(sock,), daemon=True,
-                                 name=f"pydm-nbd-accept {label}")
+        for sock, label, _ident in self._listeners:
+            t = threading.Thread(target=accept_loop, daemon=True,
+                                 name=f"pydm-nbd-accept {label}",
+                                 args=(sock, self._closing,
+                                       lambda c, a, ls=sock: self._accepted(ls, c, a),
+                                       f"NBD {label}"))
             t.start()
             self._threads.append(t)
             log.info("NBD listening on %s%s", label,
@@ -671,17 +692,9 @@ class NBDServer:
     def _bind(self, entry):
         if entry[0] == "unix":
             path = entry[1]
-            try:
-                if os.path.exists(path):
-                    os.unlink(path)
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.bind(path)
-            except OSError as e:
-                raise PydmError(f"cannot listen on unix socket {path}: {e.strerror}",
-                                e.errno) from None
-            sock.listen(128)
+            sock, ident = bind_unix(path, "NBD socket", backlog=128)
             self.addresses.append(("unix", path))
-            return sock, f"unix:{path}"
+            return sock, f"unix:{path}", (path, ident)
         _kind, host, port = entry
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
@@ -697,57 +710,58 @@ class NBDServer:
         bound = sock.getsockname()
         self.addresses.append(("tcp", bound[0], bound[1]))
         where = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
-        return sock, f"{where}:{bound[1]}"
+        return sock, f"{where}:{bound[1]}", None
 
     def stop(self):
-        self.stopping = True
+        self._closing.set()
         self._close_listeners()
         with self._lock:
             conns = list(self._conns)
         for c in conns:
             c.shutdown()
+        self.budget.wake()
         for c in conns:
             c.thread.join(STOP_DRAIN_TIMEOUT + 5)
         for t in self._threads:
             t.join(5)
 
     def _close_listeners(self):
-        for sock, label in self._listeners:
+        for sock, _label, owned in self._listeners:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             sock.close()
-            if label.startswith("unix:"):
-                try:
-                    os.unlink(label[5:])
-                except OSError:
-                    pass
+            if owned is not None:
+                unlink_if_ours(*owned)
         self._listeners = []
 
-    def _accept(self, lsock):
-        while not self.stopping:
-            try:
-                sock, addr = lsock.accept()
-            except OSError:
-                return
-            if lsock.family == socket.AF_UNIX:
-                peer = f"unix:{sock.fileno()}"
-            elif lsock.family == socket.AF_INET6:
-                peer = f"[{addr[0]}]:{addr[1]}"
-            else:
-                peer = f"{addr[0]}:{addr[1]}"
-            with self._lock:
-                full = len(self._conns) >= MAX_CONNECTIONS or self.stopping
-                if not full:
-                    set_nodelay(sock)
-                    conn = Connection(self, sock, peer)
-                    self._conns.add(conn)
-            if full:
-                log.warning("nbd %s: refused: %d connections already", peer, MAX_CONNECTIONS)
-                sock.close()
-                continue
+    def _accepted(self, lsock, sock, addr):
+        if lsock.family == socket.AF_UNIX:
+            peer = f"unix:{sock.fileno()}"
+        elif lsock.family == socket.AF_INET6:
+            peer = f"[{addr[0]}]:{addr[1]}"
+        else:
+            peer = f"{addr[0]}:{addr[1]}"
+        with self._lock:
+            full = len(self._conns) >= self.max_connections or self.stopping
+            if not full:
+                set_nodelay(sock)
+                conn = Connection(self, sock, peer)
+                self._conns.add(conn)
+        refusals = self._refusals
+        if full:
+            refusals.refused(f"{self.max_connections} connections already (first: {peer})")
+            sock.close()
+            return
+        try:
             conn.thread.start()
+        except RuntimeError:         # no thread to be had now: as if full
+            refusals.refused(f"cannot start a thread (first: {peer})")
+            self._forget(conn)
+            sock.close()
+            return
+        refusals.accepted()
 
     def _forget(self, conn):
         with self._lock:
@@ -756,6 +770,15 @@ class NBDServer:
     def connections(self):
         with self._lock:
             return [c.peer for c in self._conns]
+
+    def memory(self) -> dict:
+        """In-flight payload: the shared budget's use, and each connection's
+        requests and bytes (for ``pydm`` status and the tests)."""
+        with self._lock:
+            conns = list(self._conns)
+        return {"budget": self.budget.limit, "budget_used": self.budget.used,
+                "connections": [{"peer": c.peer, "requests": c.adm.inflight,
+                                 "bytes": c.adm.inflight_bytes} for c in conns]}
 
     def uri(self, export="") -> str:
         """An nbd:// URI for the first listener (for messages and tests)."""

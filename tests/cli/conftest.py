@@ -9,8 +9,8 @@ from helpers import Cli, Daemon
 def start_daemon(tmp_path):
     daemons = []
 
-    def start(config=None, extra=()):
-        d = Daemon(tmp_path, config, extra)
+    def start(config=None, extra=(), wrapper=()):
+        d = Daemon(tmp_path, config, extra, wrapper)
         daemons.append(d)
         return d
     yield start

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from nbd_support import DISK_SIZE, MiB, need, run
+from nbd_support import DISK_SIZE, MiB, make_disk, need, run, start_server
 from nbdclient import Client, NBDError, connect, greet, go_data, option, option_replies
+from pydm.control import Control
 from pydm.nbd import protocol as P
-from pydm.nbd import server as S
 
 
 def wait_for(cond, timeout=10.0, what="condition"):
@@ -153,7 +153,7 @@ def test_replies_out_of_order(served):
     img = served.image("disk.img")
     # the first MiB is slow (a delay target), the rest is not
     served.control.create("mixed", f"0 2048 delay {img} 0 300\n"
-                                   f"2048 20480 linear {img} 2048")
+                                   f"2048 20480 linear {img} 2048", readonly=True)
     with Client(served.addr, "mixed") as c:
         slow = c.send(P.CMD_READ, 0, 4096)
         fast = c.send(P.CMD_READ, 2 * MiB, 4096)
@@ -212,23 +212,26 @@ def test_sparse_read_sends_holes(served):
         assert c.pread(0, 4 * MiB) == disk_bytes(served, 0, 4 * MiB)
 
 
-def test_memory_bound_per_connection(served, monkeypatch):
-    monkeypatch.setattr(S, "MAX_INFLIGHT_BYTES", 8 * MiB)
+def test_memory_bound_per_connection(tmp_path):
+    control = Control()
+    img = make_disk(tmp_path / "disk.img")
+    control.create("disk", f"0 {DISK_SIZE >> 9} linear {img} 0")
+    served = start_server(control, str(tmp_path), max_inflight_bytes=8 * MiB)
     c = Client(served.addr, "disk")
-    conns = []
-    wait_for(lambda: served.server._conns, what="connection")
-    conn = next(iter(served.server._conns))
     served.control.suspend("disk")
     n = 40
     payload = b"m" * MiB
     sender = threading.Thread(target=lambda: [c.send(P.CMD_WRITE, i * MiB, MiB, 0, payload)
                                               for i in range(n)])
     sender.start()
+
+    def held():
+        conns = served.server.memory()["connections"]
+        return conns[0]["bytes"] if conns else 0
     try:
-        wait_for(lambda: conn.inflight_bytes >= 7 * MiB, what="the bound to fill")
-        time.sleep(0.2)
-        assert conn.inflight_bytes <= 8 * MiB
-        conns.append(conn.inflight)
+        wait_for(lambda: held() >= 7 * MiB, what="the bound to fill")
+        time.sleep(0.2)                 # give an unbounded reader time to overshoot
+        assert held() <= 8 * MiB
     finally:
         served.control.resume("disk")
     sender.join(30)
@@ -237,11 +240,13 @@ def test_memory_bound_per_connection(served, monkeypatch):
     assert all(r[1] == 0 for r in got)
     assert disk_bytes(served, 39 * MiB, MiB) == payload
     c.close()
+    served.server.stop()
+    control.shutdown()
 
 
 def test_disc_answers_outstanding_requests(served):
     img = served.image("disk.img")
-    served.control.create("slow", f"0 2048 delay {img} 0 200")
+    served.control.create("slow", f"0 2048 delay {img} 0 200", readonly=True)
     c = Client(served.addr, "slow")
     cookie = c.send(P.CMD_READ, 0, 4096)
     c.send(P.CMD_DISC, 0, 0)
@@ -330,3 +335,13 @@ def test_serve_refuses_tls_without_certificates(tmp_path):
             check=False, timeout=60)
     assert r.returncode == 1 and "--tls-certificates" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_the_largest_device_does_not_break_the_export_list(served):
+    need("nbdinfo")
+    import json
+    from pydm.table import MAX_SECTORS
+    served.control.create("big", f"0 {MAX_SECTORS} zero")
+    r = run(["nbdinfo", "--list", "--json", served.uri()])
+    sizes = {e["export-name"]: e["export-size"] for e in json.loads(r.stdout)["exports"]}
+    assert sizes["big"] == MAX_SECTORS << 9 and sizes["disk"] == DISK_SIZE

@@ -2,7 +2,6 @@
 blocks, the incremental backup tool copies only them; and kill -9 of the daemon
 in the middle of a random-write workload never loses a recorded write."""
 
-import importlib.util
 import json
 import os
 import random
@@ -27,14 +26,6 @@ def need(*tools):
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         pytest.fail(f"not installed (tools/install-deps.sh installs them): {missing}")
-
-
-def _nbdclient():
-    spec = importlib.util.spec_from_file_location(
-        "nbdclient", os.path.join(ROOT, "tests", "nbd", "nbdclient.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 class EraStack:
@@ -156,7 +147,7 @@ def test_fio_writes_map_and_incremental_backup(tmp_path):
 
 def test_kill_9_during_random_writes_loses_no_recorded_write(tmp_path):
     need("era_check")
-    nbd = _nbdclient()
+    import nbdclient as nbd
     stack = EraStack(tmp_path)
     acked = []                          # (block, era in force before the write was sent)
     rnd = random.Random(99)
