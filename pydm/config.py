@@ -24,7 +24,10 @@ import tomllib
 
 from pydm.errors import PydmError
 
-_KEYS = {"name", "table", "table_file", "readonly", "uuid"}
+# key -> (type, what a user is told it must be)
+_KEYS = {"name": (str, "a string"), "table": (str, "a string"),
+         "table_file": (str, "a string (a file name)"), "readonly": (bool, "true or false"),
+         "uuid": (str, "a string")}
 
 
 class DeviceSpec:
@@ -38,29 +41,45 @@ class DeviceSpec:
         self.cwd = cwd
 
 
-def load_config(path: str) -> list:
+def _toml(path):
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as e:
         raise PydmError(f"cannot read config {path}: {e.strerror}", e.errno) from None
+    except UnicodeDecodeError as e:
+        raise PydmError(f"{path}: not UTF-8 text (byte {e.start}): a config is TOML, "
+                        f"which is UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise PydmError(f"{path}: invalid TOML: {e}") from None
+
+
+def _check_types(d, where):
+    extra = set(d) - set(_KEYS)
+    if extra:
+        raise PydmError(f"{where}: unknown key(s): {', '.join(sorted(extra))}")
+    for key, value in d.items():
+        kind, what = _KEYS[key]
+        if not isinstance(value, kind):
+            raise PydmError(f"{where}: {key!r} must be {what}, not {type(value).__name__} "
+                            f"{value!r}"[:200])
+
+
+def load_config(path: str) -> list:
+    data = _toml(path)
     base = os.path.dirname(os.path.abspath(path))
     unknown = set(data) - {"device"}
     if unknown:
         raise PydmError(f"{path}: unknown section(s): {', '.join(sorted(unknown))}")
     devices = data.get("device", [])
-    if not isinstance(devices, list):
+    if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
         raise PydmError(f"{path}: 'device' must be an array of tables ([[device]])")
     specs, names = [], set()
     for i, d in enumerate(devices, 1):
         where = f"{path}: device #{i}"
-        extra = set(d) - _KEYS
-        if extra:
-            raise PydmError(f"{where}: unknown key(s): {', '.join(sorted(extra))}")
+        _check_types(d, where)
         name = d.get("name")
-        if not isinstance(name, str) or not name:
+        if not name:
             raise PydmError(f"{where}: 'name' is required")
         if name in names:
             raise PydmError(f"{where}: duplicate device name {name!r}", errno.EEXIST)
@@ -70,15 +89,12 @@ def load_config(path: str) -> list:
         if "table_file" in d:
             tpath = os.path.join(base, d["table_file"])
             try:
-                with open(tpath) as f:
+                with open(tpath, encoding="utf-8", errors="surrogateescape") as f:
                     table = f.read()
             except OSError as e:
                 raise PydmError(f"{where} ({name}): cannot read table file {tpath}: "
                                 f"{e.strerror}", e.errno) from None
         else:
             table = d["table"]
-        if not isinstance(table, str):
-            raise PydmError(f"{where} ({name}): 'table' must be a string")
-        specs.append(DeviceSpec(name, table, bool(d.get("readonly", False)),
-                                d.get("uuid"), base))
+        specs.append(DeviceSpec(name, table, d.get("readonly", False), d.get("uuid"), base))
     return specs

@@ -21,6 +21,7 @@ import re
 import threading
 
 from pydm import trace
+from pydm.claims import Claim, ClaimRegistry
 from pydm.device import MappedDevice
 from pydm.errors import DMError, TargetError
 from pydm.lockdep import make_lock
@@ -30,6 +31,35 @@ from pydm.table import Table
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+:@-][A-Za-z0-9_.+:@-]{0,126}$")
 DEVICE_PREFIXES = ("dm:", "/dev/mapper/")
+
+
+# Names the kernel's dm-ioctl refuses (check_name): they would be paths in
+# /dev/mapper that are not devices.
+_RESERVED_NAMES = (".", "..", "control")
+_UUID_MAX = 128                 # DM_UUID_LEN - 1
+
+
+def check_name(name) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise DMError(f"invalid device name {name!r}: use up to 127 letters, digits "
+                      f"and _.+:@-")
+    if name in _RESERVED_NAMES:
+        raise DMError(f"invalid device name {name!r}: a device cannot be called "
+                      f"\".\", \"..\" or \"control\"")
+
+
+def check_uuid(uuid) -> None:
+    if uuid is None or uuid == "":
+        return
+    if (not isinstance(uuid, str) or len(uuid) > _UUID_MAX or not uuid.isprintable()
+            or any(c.isspace() for c in uuid)):
+        raise DMError(f"invalid uuid {uuid!r}: use up to {_UUID_MAX} printable "
+                      f"characters, no spaces")
+
+
+def _is_device_holder(description: str) -> bool:
+    """Holders that are tables of other devices (see ``_resolve``), not clients."""
+    return description.startswith("dm:") or description == "table"
 
 
 def device_ref(arg: str):
@@ -44,6 +74,7 @@ class Control:
     def __init__(self, registry: TargetRegistry = None):
         self.targets = registry or TargetRegistry()
         self.stores = StorePool(lambda: make_lock("store.pool"))
+        self.claims = ClaimRegistry()
         self._lock = make_lock("control.registry")
         self._devices = {}
         self._minors = itertools.count(0)
@@ -66,26 +97,42 @@ class Control:
         with self._lock:
             return [self._devices[n] for n in sorted(self._devices)]
 
-    def _resolve(self, arg: str, readonly: bool, for_dev, cwd=None):
+    def _resolve(self, arg: str, readonly: bool, for_dev, cwd=None, table=None,
+                 role="data", area=None, exclusive=False):
         """Open what a table argument names: a pydm device or a file.
 
         A relative file path is taken relative to ``cwd``: the client's
-        working directory, or the directory of the config file.
+        working directory, or the directory of the config file.  A file is
+        claimed for ``role`` (see ``pydm.claims``) before it is handed out.
         """
         name = device_ref(arg)
         if name is None:
             path = os.path.join(cwd, arg) if cwd else arg
             store = self.stores.acquire(path, readonly)
-            return store, lambda: self.stores.release(store)
-        with self._lock:
-            dev = self._devices.get(name)
-        if dev is None:
-            raise TargetError(f"Device lookup failed: no pydm device {name!r}", errno.ENXIO)
-        if for_dev is not None and self._depends_on(dev, for_dev):
-            raise TargetError(f"device {name} would map onto itself (stacking loop)")
+            claim = Claim(store.key, for_dev, table, role, area, exclusive,
+                          not readonly, arg)
+            try:
+                self.claims.claim(claim)
+            except BaseException:
+                self.stores.release(store)
+                raise
+
+            def release_file():
+                self.claims.release(claim)
+                self.stores.release(store)
+            return store, release_file
         key = object()
         desc = f"dm:{for_dev.name}" if for_dev is not None else "table"
-        dev.open(key, desc)
+        with self._lock:
+            # Opened under the registry lock: a remove that found no holder
+            # has unlinked the name first, so it cannot lose this race.
+            dev = self._devices.get(name)
+            if dev is None:
+                raise TargetError(f"Device lookup failed: no pydm device {name!r}",
+                                  errno.ENXIO)
+            if for_dev is not None and self._depends_on(dev, for_dev):
+                raise TargetError(f"device {name} would map onto itself (stacking loop)")
+            dev.open(key, desc)
 
         def release():
             if dev.close(key):
@@ -114,9 +161,8 @@ class Control:
     # ------------------------------------------------------- operations
     def create(self, name: str, table: str = None, uuid: str = None,
                readonly: bool = False, cwd=None) -> MappedDevice:
-        if not _NAME_RE.match(name or ""):
-            raise DMError(f"invalid device name {name!r}: use up to 127 letters, digits "
-                          f"and _.+:@-")
+        check_name(name)
+        check_uuid(uuid)
         with self._lock:
             if name in self._devices:
                 raise DMError(f"{name}: device already exists", errno.EBUSY)
@@ -180,11 +226,17 @@ class Control:
             if dev is None:
                 raise DMError(f"{name}: no such device", errno.ENXIO)
             count, holders = dev.holders()
-            if count and not force:
+            stacked = sorted({h for h in holders.values() if _is_device_holder(h)})
+            if count and (stacked or not force):
                 if deferred:
                     dev.deferred_remove = True
                     return
                 who = ", ".join(sorted(set(holders.values())))
+                if force:
+                    # As dmsetup: nothing removes a device another device is
+                    # built on; -f only overrides clients (NBD connections).
+                    raise DMError(f"{name}: device is in use by {', '.join(stacked)}, "
+                                  f"which map onto it: remove them first", errno.EBUSY)
                 raise DMError(f"{name}: device is in use ({who})", errno.EBUSY)
             del self._devices[name]
         dev.destroy()
@@ -205,8 +257,7 @@ class Control:
         t.start()
 
     def rename(self, name: str, new: str) -> None:
-        if not _NAME_RE.match(new or ""):
-            raise DMError(f"invalid device name {new!r}")
+        check_name(new)
         with self._lock:
             dev = self._devices.get(name)
             if dev is None:
@@ -280,7 +331,7 @@ class Control:
             if not devs:
                 return
             top = [d for d in devs
-                   if not any(v.startswith("dm:") for v in d.holders()[1].values())]
+                   if not any(_is_device_holder(v) for v in d.holders()[1].values())]
             for dev in top or devs:        # a loop cannot exist, but never spin
                 if self._unlink(dev):
                     dev.destroy()

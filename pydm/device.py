@@ -329,6 +329,7 @@ class MappedDevice:
                 self.suspended = True
                 self._block_io()
             try:
+                self.live.refresh_sizes()
                 for t in self._targets():
                     t.preresume()
             except Exception as e:

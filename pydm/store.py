@@ -140,6 +140,14 @@ class Store:
         return f"<{type(self).__name__} {self.name} {self.size} bytes>"
 
 
+def file_identity(st):
+    """What a file *is*, whatever it was called: a block device by its
+    device number, anything else by device and inode."""
+    if stat.S_ISBLK(st.st_mode):
+        return ("blk", st.st_rdev)
+    return ("file", st.st_dev, st.st_ino)
+
+
 class FileStore(Store):
     """A plain or sparse image file (or a block device node)."""
 
@@ -159,7 +167,7 @@ class FileStore(Store):
         if not (self.is_file or stat.S_ISBLK(st.st_mode)):
             os.close(self.fd)
             raise PydmError(f"{path}: not a regular file or block device", errno.EINVAL)
-        self.key = (st.st_dev, st.st_ino)
+        self.key = file_identity(st)
         self.refresh_size()
 
     def refresh_size(self) -> int:
@@ -321,22 +329,37 @@ class CountingStore:
 class StorePool:
     """Open files shared by every table that names them, refcounted.
 
-    A file opened read-only and later wanted read-write is reopened (the
-    read-only handle stays valid for its current users).
+    A file is known by its identity (``file_identity``), so two names of one
+    file share one store, and a path that now names a different file (the
+    old one was replaced) opens the new one.  Taking a shared store reads
+    its size again: the file may have grown since it was opened.  A file
+    opened read-only and later wanted read-write is reopened (the read-only
+    handle stays valid for its current users).
     """
 
     def __init__(self, lock_factory=threading.Lock):
         self._lock = lock_factory()
-        self._open = {}   # (path, readonly) -> [store, refcount]
+        self._open = {}   # (identity, readonly) -> [store, refcount]
 
     def acquire(self, path: str, readonly: bool = False) -> FileStore:
-        key = (os.path.realpath(path), readonly)
-        with self._lock:
-            entry = self._open.get(key)
+        try:
+            key = (file_identity(os.stat(path)), readonly)
+        except OSError:
+            key = None           # FileStore says why in its own words
+        if key is not None:
+            with self._lock:
+                entry = self._open.get(key)
+                if entry is not None:
+                    entry[1] += 1
+                    store = entry[0]
             if entry is not None:
-                entry[1] += 1
-                return entry[0]
+                try:
+                    store.refresh_size()
+                except OSError:
+                    pass
+                return store
         store = FileStore(path, readonly)
+        key = (store.key, readonly)
         with self._lock:
             entry = self._open.get(key)
             if entry is not None:      # lost a race to open the same file
@@ -347,7 +370,7 @@ class StorePool:
         return store
 
     def release(self, store: FileStore) -> None:
-        key = (os.path.realpath(store.path), store.readonly)
+        key = (store.key, store.readonly)
         with self._lock:
             entry = self._open.get(key)
             if entry is None or entry[0] is not store:

@@ -8,7 +8,10 @@ immutable; the device swaps whole tables.
 
 Syntax, as dmsetup: one target per line, ``<start> <length> <type> <args...>``
 in 512-byte sectors; blank lines and ``#`` comments are ignored; a backslash
-escapes the next character (so an argument may contain a space).
+escapes the next character (so an argument may contain a space, a ``#``, a
+backslash or a newline), and ``quote_arg`` escapes exactly those, so every
+table printed back loads to the same device.  A device ends before 2^63
+bytes (``MAX_SECTORS``).
 """
 
 import bisect
@@ -29,52 +32,91 @@ class TableLine:
         self.args = args
 
 
-def split_args(text: str) -> list:
-    out, cur, have, esc = [], [], False, False
+# The largest device, in sectors: every byte offset of it must fit in a
+# signed 64-bit file offset (pread/pwrite/lseek), which also keeps every
+# NBD offset and size (unsigned 64-bit) in range.
+MAX_SECTORS = ((1 << 63) - 1) >> 9
+
+
+def _words(text: str):
+    """[(lineno, [word, ...])] for every line of ``text`` that has words.
+
+    One pass over the characters, so escapes are seen before comments and
+    line ends: a backslash makes the next character (a space, ``#``, a
+    backslash, even a newline) part of the word, and only an unescaped
+    ``#`` starts a comment, running to the end of its line.
+    """
+    out = []
+    words, cur, have = [], [], False
+    lineno = start = 1
+    esc = comment = False
     for ch in text:
+        if comment:
+            if ch != "\n":
+                continue
+            comment = False
         if esc:
             cur.append(ch)
+            have = True
             esc = False
-            have = True
-        elif ch == "\\":
+            if ch == "\n":
+                lineno += 1
+            continue
+        if ch == "\\":
             esc = True
-        elif ch.isspace():
+            continue
+        if ch == "#" or ch == "\n" or ch.isspace():
             if have:
-                out.append("".join(cur))
+                words.append("".join(cur))
                 cur, have = [], False
-        else:
-            cur.append(ch)
-            have = True
+            if ch == "#":
+                comment = True
+            elif ch == "\n":
+                if words:
+                    out.append((start, words))
+                    words = []
+                lineno += 1
+                start = lineno
+            continue
+        cur.append(ch)
+        have = True
     if esc:
-        raise DMError("trailing backslash")
+        raise DMError(f"line {lineno}: trailing backslash")
     if have:
-        out.append("".join(cur))
+        words.append("".join(cur))
+    if words:
+        out.append((start, words))
     return out
 
 
+def split_args(text: str) -> list:
+    """The words of one table line (escapes processed, comment dropped)."""
+    return [w for _n, ws in _words(text) for w in ws]
+
+
 def quote_arg(arg: str) -> str:
-    return "".join("\\" + c if c.isspace() or c == "\\" else c for c in arg)
+    """``arg`` escaped so that ``split_args`` gives it back unchanged,
+    whatever characters it holds (every byte a path may contain)."""
+    return "".join("\\" + c if c.isspace() or c in "\\#" else c for c in arg)
 
 
 def _sector(text, what, lineno):
     if not text.isascii() or not text.isdigit():
         raise DMError(f"line {lineno}: invalid {what} {text!r}")
-    return int(text)
+    value = int(text)
+    if value > MAX_SECTORS:
+        raise DMError(f"line {lineno}: {what} {text} is too large: a device may have at "
+                      f"most {MAX_SECTORS} sectors (2^63 bytes)", errno.EFBIG)
+    return value
 
 
 def parse_table(text: str) -> list:
     """Parse and check the layout of table text (types are checked at build)."""
     lines = []
     expect = 0
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        body = raw.split("#", 1)[0].strip()
-        if not body:
-            continue
-        try:
-            words = split_args(body)
-        except DMError as e:
-            raise DMError(f"line {lineno}: {e}") from None
+    for lineno, words in _words(text):
         if len(words) < 3:
+            body = " ".join(quote_arg(w) for w in words)
             raise DMError(f"line {lineno}: expected '<start> <length> <target> [args]', "
                           f"got {body!r}")
         start = _sector(words[0], "start sector", lineno)
@@ -85,6 +127,10 @@ def parse_table(text: str) -> list:
             what = "gap" if start > expect else "overlap"
             raise DMError(f"line {lineno}: {what} in table: target starts at sector "
                           f"{start}, expected {expect}")
+        if start + length > MAX_SECTORS:
+            raise DMError(f"line {lineno}: the table would end at sector {start + length}, "
+                          f"past the largest device ({MAX_SECTORS} sectors, 2^63 bytes)",
+                          errno.EFBIG)
         lines.append(TableLine(lineno, start, length, words[2], words[3:]))
         expect = start + length
     if not lines:
@@ -100,22 +146,43 @@ class TableContext:
         self._resolver = resolver
         self.device = device           # the MappedDevice this table belongs to
         self._held = []
+        self._opened = []
 
     @property
     def readonly(self) -> bool:
         return self.table.readonly
 
-    def get_device(self, arg: str, readonly: bool = None):
-        """Open a store or lower pydm device named in a table argument."""
+    def get_device(self, arg: str, readonly: bool = None, role: str = "data",
+                   area=None, exclusive: bool = False):
+        """Open a store or lower pydm device named in a table argument.
+
+        ``role`` says what the target uses it for, over ``area`` (start,
+        sectors) or all of it, with ``exclusive`` when nothing else may use
+        the same file at all (metadata): the core refuses a file claimed
+        twice in ways that would destroy it (see ``pydm.claims``).
+        """
         ro = self.table.readonly if readonly is None else readonly
-        dev, release = self._resolver(arg, ro, self.device)
+        if area is not None:
+            area = (area[0] << 9, (area[0] + area[1]) << 9)
+        dev, release = self._resolver(arg, ro, self.device, table=self, role=role,
+                                      area=area, exclusive=exclusive)
         self._held.append(release)
+        self._opened.append(dev)
         return dev
 
     def release_all(self) -> None:
         held, self._held = self._held, []
+        self._opened = []
         for release in reversed(held):
             release()
+
+    def refresh_sizes(self) -> None:
+        """Read again the size of every file this table opened (it may have
+        grown since)."""
+        for dev in self._opened:
+            refresh = getattr(dev, "refresh_size", None)
+            if refresh is not None:
+                refresh()
 
     def event(self) -> None:
         """Raise a device event (wakes ``dmsetup wait``)."""
@@ -207,6 +274,10 @@ class Table:
             return
         self.destroyed = True
         self._teardown(self._registry)
+
+    def refresh_sizes(self) -> None:
+        """Sizes of the files under this table, read again (at resume)."""
+        self.ctx.refresh_sizes()
 
     def find(self, sector: int):
         """Index of the target owning ``sector`` (must be < size)."""

@@ -132,10 +132,10 @@ class EraTarget(Target):
         if self.nr_blocks >= MAX_BLOCKS:
             raise TargetError(f"too many era blocks ({self.nr_blocks}); use a larger block size")
         self.meta_arg, self.origin_arg = args[0], args[1]
-        self.meta = self.ctx.get_device(args[0])
+        self.meta = self.ctx.get_device(args[0], role="metadata", exclusive=True)
         if not hasattr(self.meta, "read_at"):
             raise TargetError("the metadata store must be an image file")
-        self.origin = self.ctx.get_device(args[1])
+        self.origin = self.ctx.get_device(args[1], role="origin", area=(0, self.len))
         if self.origin.size < self.len << 9:
             raise TargetError(f"origin {args[1]} is too small: {self.origin.size >> 9} "
                               f"sectors for a {self.len}-sector target")

@@ -14,7 +14,7 @@ from pydm.target import REMAPPED, STATUS_TABLE, Target, parse_uint
 def open_area(target, dev_arg: str, offset_arg: str):
     """Open ``<dev> <offset>`` for a target and check the area fits."""
     offset = parse_uint(offset_arg, "device sector")
-    dev = target.ctx.get_device(dev_arg)
+    dev = target.ctx.get_device(dev_arg, area=(offset, target.len))
     dev_sectors = dev.size >> 9
     if offset + target.len > dev_sectors:
         raise TargetError(f"device {dev_arg} is too small: area {offset}+{target.len} "

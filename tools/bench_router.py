@@ -33,7 +33,7 @@ def make_stack(depth: int):
     for i in range(depth):
         below = lower
 
-        def resolver(arg, ro, for_dev, below=below):
+        def resolver(arg, ro, for_dev, below=below, **_use):
             return below, (lambda: None)
         dev = MappedDevice(f"bench{i}")
         dev.install_inactive(Table(f"0 {SECTORS} linear lower 0", reg, resolver, dev))

@@ -44,6 +44,10 @@ def build_parser(only=None) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    # Table output may hold path bytes that are not UTF-8 (surrogate
+    # escapes): print them as the bytes they were.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
     parser = build_parser(argv[0] if argv and argv[0] in GROUPS else None)
     args = parser.parse_args(argv)
     try:

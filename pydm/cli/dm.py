@@ -34,15 +34,18 @@ def _call(args, op, name=None, **kw):
 def _read_table(args):
     if args.table_line is not None:
         return args.table_line
+    # Paths are bytes to the kernel: bytes that are not UTF-8 travel as
+    # surrogate escapes (as in argv), and come back out of ``table`` as the
+    # same bytes.
     if args.table_file:
         try:
-            with open(args.table_file) as f:
+            with open(args.table_file, encoding="utf-8", errors="surrogateescape") as f:
                 return f.read()
         except OSError as e:
             fail(f"cannot read table file {args.table_file}: {e.strerror}")
     if sys.stdin.isatty():
         print("Reading table from stdin (end with Ctrl-D)...", file=sys.stderr)
-    return sys.stdin.read()
+    return sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
 
 
 # ------------------------------------------------------------- formatting

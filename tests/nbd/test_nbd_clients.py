@@ -12,7 +12,7 @@ import subprocess
 import textwrap
 
 
-from nbd_support import DISK_SIZE, MiB, need, run, start_server
+from nbd_support import DISK_SIZE, MiB, make_disk, need, run, start_server
 from pydm.control import Control
 from pydm.targets.linear import LinearTarget
 
@@ -106,7 +106,8 @@ def test_flags_follow_the_table(served):
     need("nbdinfo", "nbdsh")
     c = served.control
     c.targets.register(NoDiscardTarget)
-    c.create("nd", f"0 8192 nodiscard {served.image('disk.img')} 0")
+    img = make_disk(served.image("nd.img"), 8192 << 9)     # its own: "disk" writes disk.img
+    c.create("nd", f"0 8192 nodiscard {img} 0")
     assert not _can(served, "trim", "nd")
     assert _can(served, "zero", "nd") and _can(served, "flush", "nd")
     # A reload to a table that can discard shows up for the next client,
@@ -125,7 +126,7 @@ def test_flags_follow_the_table(served):
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                          env=NBDSH_ENV)
     assert p.stdout.readline().strip() == "2"       # nbdinfo: cannot trim
-    c.load("nd", f"0 8192 linear {served.image('disk.img')} 0")
+    c.load("nd", f"0 8192 linear {img} 0")
     c.resume("nd")
     assert _can(served, "trim", "nd")
     out, _ = p.communicate("\n", timeout=60)

@@ -70,12 +70,13 @@ def control_worker(n, sock, tables, stop, errors):
         while not stop.is_set():
             name = rnd.choice(NAMES)
             op = rnd.choice(["create", "load", "resume", "resume", "suspend", "suspend_nf",
-                             "message", "remove", "status", "info", "clear", "table"])
+                             "message", "remove", "status", "info", "clear", "table",
+                             "remove_force"])
             try:
                 if op == "create":
-                    c.call("create", name=name, table=rnd.choice(tables))
+                    c.call("create", name=name, table=rnd.choice(tables[name]))
                 elif op == "load":
-                    c.call("load", name=name, table=rnd.choice(tables))
+                    c.call("load", name=name, table=rnd.choice(tables[name]))
                 elif op == "resume":
                     c.call("resume", name=name)
                 elif op == "suspend":
@@ -87,6 +88,8 @@ def control_worker(n, sock, tables, stop, errors):
                            text=rnd.choice(["checkpoint", "checkpoint", "bogus"]))
                 elif op == "remove":
                     c.call("remove", name=name)
+                elif op == "remove_force":
+                    c.call("remove", name=rnd.choice(NAMES + ["base"]), force=True)
                 else:
                     c.call(op, name=name)
             except ControlError as e:
@@ -126,18 +129,25 @@ def io_worker(n, control, stats, stop, errors):
 
 
 def test_control_plane_stress(tmp_path):
-    a = make_image(tmp_path / "a.img", 8 << 20)
-    b = make_image(tmp_path / "b.img", 8 << 20)
-    tables = [
-        f"0 8192 linear {a} 0\n",
-        f"0 4096 linear {a} 0\n4096 4096 linear {b} 0\n",
-        f"0 8192 chk {b}\n",
-        f"0 8192 flakey {a} 0 1 1 1 drop_writes\n",
-        f"0 8192 delay {b} 0 2\n",
-        "0 8192 zero\n",
-        f"0 4096 chk {a}\n4096 4096 error\n",
-        "0 8192 linear dm:base 0\n",
-    ]
+    # Each name has its own files (two devices may not write one file), and
+    # one file is shared, so that loads racing for it meet the claims.
+    shared = make_image(tmp_path / "shared.img", 8 << 20)
+    tables = {}
+    for name in NAMES:
+        a = make_image(tmp_path / f"a-{name}.img", 8 << 20)
+        b = make_image(tmp_path / f"b-{name}.img", 8 << 20)
+        tables[name] = [
+            f"0 8192 linear {a} 0\n",
+            f"0 4096 linear {a} 0\n4096 4096 linear {b} 0\n",
+            f"0 8192 chk {b}\n",
+            f"0 8192 flakey {a} 0 1 1 1 drop_writes\n",
+            f"0 8192 delay {b} 0 2\n",
+            "0 8192 zero\n",
+            f"0 4096 chk {a}\n4096 4096 error\n",
+            "0 8192 linear dm:base 0\n",
+            f"0 8192 linear {shared} 0\n",
+        ]
+    b = make_image(tmp_path / "base.img", 8 << 20)
     monitors = [monitor.bio_once(), monitor.dev_lifecycle()]
     for m in monitors:
         trace.attach(m)
