@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Era tracking overhead: fio over NBD through era vs. linear on the same file.
 
-One `pydm serve` holds two devices over one 256 MiB file of random data:
-``lin`` (linear) and ``era`` (era, metadata in its own file).  For each job
+One `pydm serve` holds two devices, each over its own 256 MiB file of the
+same random data (pydm refuses two devices writing one file): ``lin``
+(linear) and ``era`` (era, metadata in its own file).  For each job
 and round, each device runs two phases, the devices alternating:
 
 * first:  `pydm era checkpoint era` (a new era: nothing is marked), then one
@@ -119,14 +120,14 @@ def block_sizes(text):
     return sizes
 
 
-def measure(work, image, block_size, args):
+def measure(work, image, lin_image, block_size, args):
     """{(job, phase, dev): median} for one era block size, own server."""
     meta = os.path.join(work, "meta.img")
     with open(meta, "wb") as f:      # blank: era formats it at first load
         f.truncate(META_SIZE)
     sectors = SIZE >> 9
     port = free_port()
-    proc, sock = start_pydm(work, [("lin", f"0 {sectors} linear {image} 0"),
+    proc, sock = start_pydm(work, [("lin", f"0 {sectors} linear {lin_image} 0"),
                                    ("era", f"0 {sectors} era {meta} {image} {block_size}")],
                             port)
     names = ["lin", "era"]
@@ -185,7 +186,9 @@ def main():
     os.makedirs(work, exist_ok=True)
     image = os.path.join(work, "disk.img")
     make_image(image, SIZE)
-    results = [(bs, measure(work, image, bs, args), commit_floor(work, bs))
+    lin_image = os.path.join(work, "lin.img")
+    shutil.copyfile(image, lin_image)
+    results = [(bs, measure(work, image, lin_image, bs, args), commit_floor(work, bs))
                for bs in args.block_size]
     for i, (bs, med, floor) in enumerate(results):
         if i:

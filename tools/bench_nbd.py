@@ -8,6 +8,7 @@ alternate within every round), three rounds by default; the table shows the
 medians and the ratios to nbdkit and qemu-nbd.
 
     .venv/bin/python tools/bench_nbd.py [--runs 3] [--runtime 4] [--dir DIR]
+        [--baseline OTHER_CHECKOUT/.venv/bin/python]   # same-run A/B
 
 Needs fio (with the nbd engine), nbdkit and qemu-nbd on PATH.  This is a
 benchmark, not a test: it prints numbers and the goals, it asserts nothing.
@@ -38,13 +39,14 @@ GOALS = {"read 1m QD4": 0.8, "write 1m QD4": 0.8, "randread 4k QD16": 0.5,
 SIZE = 256 << 20
 
 
-def start_servers(work, image, names, pydm_args):
+def start_servers(work, image, names, pydm_args, baseline=None):
     servers = {}
-    if "pydm" in names:
-        port = free_port()
-        proc, _sock = start_pydm(work, [("bench", f"0 {SIZE >> 9} linear {image} 0")], port,
-                                 pydm_args)
-        servers["pydm"] = (proc, port, "bench")
+    for name, python in (("pydm", None), ("pydm-base", baseline)):
+        if name in names:
+            port = free_port()
+            proc, _sock = start_pydm(work, [("bench", f"0 {SIZE >> 9} linear {image} 0")],
+                                     port, pydm_args, python=python, label=name)
+            servers[name] = (proc, port, "bench")
     if "nbdkit" in names:
         port = free_port()
         cmd = ["nbdkit", "-f", "-p", str(port), "-i", "127.0.0.1", "file", image]
@@ -68,18 +70,24 @@ def main():
     ap.add_argument("--servers", default="pydm,nbdkit,qemu-nbd")
     ap.add_argument("--jobs", help="comma-separated job numbers (1-5) to run")
     ap.add_argument("--json", metavar="FILE", help="also write the raw samples here")
+    ap.add_argument("--baseline", metavar="PYTHON",
+                    help="A/B: the python of another pydm checkout's venv (e.g. a clone "
+                         "of the previous commit: CLONE/.venv/bin/python), served as "
+                         "pydm-base in the same rounds; the table adds pydm/pydm-base")
     ap.add_argument("pydm_args", nargs="*", help="extra `pydm serve` options (after --)")
     args = ap.parse_args()
     for tool in ("fio", "nbdkit", "qemu-nbd"):
         if shutil.which(tool) is None and tool.replace("fio", "") in args.servers + "fio":
             raise SystemExit(f"{tool} is not installed (apt-get install fio nbdkit qemu-utils)")
     names = [s for s in args.servers.split(",") if s]
+    if args.baseline and "pydm-base" not in names:
+        names.insert(1, "pydm-base")
     jobs = JOBS if not args.jobs else [JOBS[int(i) - 1] for i in args.jobs.split(",")]
     work = args.dir or tempfile.mkdtemp(prefix="pydm-bench-")
     os.makedirs(work, exist_ok=True)
     image = os.path.join(work, "disk.img")
     make_image(image, SIZE)
-    servers = start_servers(work, image, names, args.pydm_args)
+    servers = start_servers(work, image, names, args.pydm_args, args.baseline)
     samples = {(j[0], s): [] for j in jobs for s in names}
     try:
         for r in range(args.runs):
@@ -101,6 +109,8 @@ def main():
         head += f"{'pydm/nbdkit':>13}{'goal':>6}"
     if "pydm" in names and "qemu-nbd" in names:
         head += f"{'pydm/qemu-nbd':>15}"
+    if "pydm" in names and "pydm-base" in names:
+        head += f"{'pydm/base':>11}"
     print(f"medians of {args.runs} runs, {args.runtime} s each, 256 MiB random file, "
           f"{fio_version()}")
     print(head)
@@ -112,6 +122,8 @@ def main():
             row += f"{ratio:>12.2f}x" + (f"{'>=' + str(goal):>6}" if goal else f"{'':>6}")
         if "pydm" in names and "qemu-nbd" in names:
             row += f"{med[(name, 'pydm')] / med[(name, 'qemu-nbd')]:>14.2f}x"
+        if "pydm" in names and "pydm-base" in names:
+            row += f"{med[(name, 'pydm')] / med[(name, 'pydm-base')]:>10.2f}x"
         print(row)
     if args.json:
         with open(args.json, "w") as f:

@@ -48,16 +48,21 @@ def make_image(path, size):
         subprocess.run(["head", "-c", str(size), "/dev/urandom"], stdout=f, check=True)
 
 
-def start_pydm(work, devices, port, extra=()):
-    """`pydm serve` on 127.0.0.1:port with ``devices`` = [(name, table line)]."""
-    conf = os.path.join(work, "bench.toml")
+def start_pydm(work, devices, port, extra=(), python=None, label="pydm"):
+    """`pydm serve` on 127.0.0.1:port with ``devices`` = [(name, table line)].
+
+    ``python`` runs another checkout's pydm (its venv's interpreter) for a
+    same-run A/B; ``label`` keeps its config and socket apart."""
+    conf = os.path.join(work, f"{label}.toml")
     with open(conf, "w") as f:
         for name, table in devices:
             f.write(f'[[device]]\nname = "{name}"\ntable = "{table}"\n')
-    sock = os.path.join(work, "ctl.sock")
-    cmd = [sys.executable, "-m", "pydm", "serve", conf, "--port", str(port),
+    sock = os.path.join(work, f"{label}.sock")
+    cmd = [python or sys.executable, "-m", "pydm", "serve", conf, "--port", str(port),
            "--socket", sock, *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    # cwd: `python -m` puts it first on sys.path, and a checkout there
+    # would shadow the pydm that ``python`` has installed.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, cwd=work)
     wait_port(port, proc)
     return proc, sock
 
