@@ -21,6 +21,7 @@ import threading
 import time
 
 from nbd_support import MiB, make_disk
+import nbdclient
 from nbdclient import Client
 from pydm.nbd import protocol as P
 
@@ -41,15 +42,10 @@ def _req(cmd, off, n, flags=0, data=b"", cookie=1):
 
 
 def _go(name, infos=(P.INFO_NAME, P.INFO_DESCRIPTION, P.INFO_BLOCK_SIZE)):
-    raw = name.encode()
-    return (struct.pack(">I", len(raw)) + raw + struct.pack(">H", len(infos)) +
-            b"".join(struct.pack(">H", i) for i in infos))
+    return nbdclient.go_data(name, infos)
 
 
-def _meta(name, queries):
-    raw = name.encode()
-    out = struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(queries))
-    return out + b"".join(struct.pack(">I", len(q)) + q.encode() for q in queries)
+_meta = nbdclient.meta_data
 
 
 def _requests(rnd_payload):

@@ -4,6 +4,8 @@ import struct
 
 import pytest
 
+import nbdclient
+from nbdclient import meta_data
 from pydm.nbd import protocol as P
 
 MiB = 1 << 20
@@ -39,17 +41,7 @@ def replies(raw):
 
 
 def go_data(name, infos=()):
-    raw = name.encode()
-    return (struct.pack(">I", len(raw)) + raw + struct.pack(">H", len(infos)) +
-            b"".join(struct.pack(">H", i) for i in infos))
-
-
-def meta_data(name, queries):
-    raw = name.encode()
-    out = struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(queries))
-    for q in queries:
-        out += struct.pack(">I", len(q)) + q.encode()
-    return out
+    return nbdclient.go_data(name, infos)
 
 
 def haggling(tls="off", tls_available=False, flags=3):
