@@ -31,6 +31,8 @@ REQ_FUA = 1         # this bio's data must be durable before completion
 REQ_PREFLUSH = 2    # everything completed before must be durable first
 REQ_RAHEAD = 4      # read-ahead: may be failed instead of queued
 REQ_NOUNMAP = 8     # write-zeroes must allocate, not punch a hole (NBD NO_HOLE)
+REQ_NOFALLBACK = 16  # write-zeroes: fail with EOPNOTSUPP rather than write zeroes
+                     # (NBD FAST_ZERO; the kernel's BLKDEV_ZERO_NOFALLBACK)
 
 _ids = count(1)
 

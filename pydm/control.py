@@ -71,9 +71,13 @@ def device_ref(arg: str):
 
 
 class Control:
-    def __init__(self, registry: TargetRegistry = None):
+    """The device registry.  ``registry`` (target types) and ``stores`` (a
+    ``StorePool``, which opens the files tables name) may be given; by
+    default every installed target, and plain files."""
+
+    def __init__(self, registry: TargetRegistry = None, stores: StorePool = None):
         self.targets = registry or TargetRegistry()
-        self.stores = StorePool(lambda: make_lock("store.pool"))
+        self.stores = stores or StorePool(lambda: make_lock("store.pool"))
         self.claims = ClaimRegistry()
         self._lock = make_lock("control.registry")
         self._devices = {}

@@ -23,6 +23,7 @@ from collections import deque
 
 from pydm import trace
 from pydm.bio import REQ_RAHEAD
+from pydm.caps import Caps
 from pydm.errors import DMError
 from pydm.lockdep import make_condition, make_lock, make_rlock
 from pydm.router import STS_REQUEUE, route
@@ -130,30 +131,25 @@ class MappedDevice:
         """How a table names this device when stacking on it."""
         return f"dm:{self.name}"
 
-    @property
-    def supports_discard(self) -> bool:
-        t = self.live
-        return t is not None and t.discard_supported
-
-    @property
-    def supports_write_zeroes(self) -> bool:
-        t = self.live
-        return t is not None and t.write_zeroes_supported
-
-    @property
-    def supports_flush(self) -> bool:
-        t = self.live
-        return t is not None and t.flush_supported
-
-    def contexts(self):
-        """Names of the NBD metadata contexts the live table publishes."""
+    def capabilities(self) -> Caps:
+        """What the live table offers (nothing without one), read-only if
+        the device is: what a device stacked on this one, or an NBD client,
+        may use."""
         with self.table_ref() as t:
-            return ["base:allocation"] + ([] if t is None else t.contexts())
+            caps = Caps(discard=False, extents=False) if t is None else t.capabilities()
+        return caps.narrowed(readonly=True) if self.readonly else caps
+
+    def contexts(self, caps: Caps = None):
+        """Names of the NBD metadata contexts the live table publishes."""
+        caps = caps or self.capabilities()
+        with self.table_ref() as t:
+            base = ["base:allocation"] if caps.extents else []
+            return base + ([] if t is None else t.contexts())
 
     def accepts_context(self, name: str) -> bool:
         """True if a target answers block status for ``name``, listed or not."""
         if name == "base:allocation":
-            return True
+            return self.capabilities().extents
         with self.table_ref() as t:
             return t is not None and any(x.accepts_context(name) for x in t.targets)
 

@@ -20,6 +20,7 @@ import stat
 import threading
 
 from pydm import bio as _bio
+from pydm.caps import Caps
 from pydm.errors import PydmError, strerror
 
 # Extent flags, shared with NBD base:allocation (same bit values).
@@ -62,8 +63,6 @@ class Store:
     name = "?"            # canonical name printed back in tables
     size = 0              # bytes
     readonly = False
-    supports_discard = True
-    supports_write_zeroes = True
 
     @property
     def ref(self) -> str:
@@ -88,7 +87,12 @@ class Store:
     def discard(self, offset: int, length: int) -> None:
         self.write_zeroes(offset, length)
 
-    def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = True,
+                     fallback: bool = True) -> None:
+        """Zero a range; without ``fallback``, only if that is faster than
+        writing zeroes (else OSError EOPNOTSUPP)."""
+        if not fallback:
+            raise OSError(errno.EOPNOTSUPP, "zeroing would mean writing zeroes")
         pos, end = offset, offset + length
         while pos < end:
             n = min(end - pos, len(_ZERO_CHUNK))
@@ -101,6 +105,11 @@ class Store:
 
     def close(self) -> None:
         pass
+
+    def capabilities(self) -> Caps:
+        """What this store can do (see ``pydm.caps``): here, a store with no
+        volatile state of its own (memory), that discards and zeroes."""
+        return Caps(readonly=self.readonly, discard=True, write_zeroes=True)
 
     # -- bio face ------------------------------------------------------
     def submit(self, bio) -> None:
@@ -122,7 +131,8 @@ class Store:
             elif op == _bio.WRITE_ZEROES:
                 self._check_writable()
                 self.write_zeroes(bio.sector << 9, bio.nr_sectors << 9,
-                                  not bio.flags & _bio.REQ_NOUNMAP)
+                                  not bio.flags & _bio.REQ_NOUNMAP,
+                                  not bio.flags & _bio.REQ_NOFALLBACK)
                 if bio.flags & _bio.REQ_FUA:
                     self.flush()
             else:
@@ -174,6 +184,14 @@ class FileStore(Store):
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
         return self.size
 
+    def capabilities(self) -> Caps:
+        # The page cache is volatile: fdatasync makes it durable (FUA is a
+        # write and an fdatasync).  A regular file zeroes and deallocates
+        # with fallocate, without writing; a block device node is zeroed by
+        # writing, and its discard is only a hint.
+        return Caps(readonly=self.readonly, flush=True, fua=True, discard=True,
+                    write_zeroes=True, fast_zero=self.is_file, extents=True)
+
     def readinto_at(self, buf, offset):
         fd = self.fd
         want = len(buf)
@@ -215,7 +233,7 @@ class FileStore(Store):
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
 
-    def write_zeroes(self, offset, length, may_unmap=True):
+    def write_zeroes(self, offset, length, may_unmap=True, fallback=True):
         if self.is_file:
             modes = []
             if may_unmap:
@@ -228,7 +246,7 @@ class FileStore(Store):
                 except OSError as e:
                     if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                         raise
-        Store.write_zeroes(self, offset, length, may_unmap)
+        Store.write_zeroes(self, offset, length, may_unmap, fallback)
 
     def extents(self, offset, length):
         """Data/hole runs from SEEK_DATA/SEEK_HOLE (a hole reads as zeroes)."""
@@ -289,7 +307,7 @@ class MemStore(Store):
     def discard(self, offset, length):
         self.buf[offset:offset + length] = bytes(length)
 
-    def write_zeroes(self, offset, length, may_unmap=True):
+    def write_zeroes(self, offset, length, may_unmap=True, fallback=True):
         self.buf[offset:offset + length] = bytes(length)
 
 
@@ -337,9 +355,12 @@ class StorePool:
     handle stays valid for its current users).
     """
 
-    def __init__(self, lock_factory=threading.Lock):
+    def __init__(self, lock_factory=threading.Lock, opener=None):
         self._lock = lock_factory()
         self._open = {}   # (identity, readonly) -> [store, refcount]
+        # opener(path, readonly) -> a store with FileStore's face (``key``,
+        # ``refresh_size``, ``close``); FileStore itself by default.
+        self._opener = opener or FileStore
 
     def acquire(self, path: str, readonly: bool = False) -> FileStore:
         try:
@@ -358,7 +379,7 @@ class StorePool:
                 except OSError:
                     pass
                 return store
-        store = FileStore(path, readonly)
+        store = self._opener(path, readonly)
         key = (store.key, readonly)
         with self._lock:
             entry = self._open.get(key)

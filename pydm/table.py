@@ -18,6 +18,7 @@ import bisect
 import errno
 
 from pydm import target as _t
+from pydm.caps import Caps, combine
 from pydm.errors import DMError, PydmError
 
 
@@ -246,15 +247,15 @@ class Table:
 
     def _summarise(self):
         ts = self.targets
-        self.flush_supported = any(t.num_flush_bios for t in ts)
-        self.discard_supported = all(t.num_discard_bios for t in ts)
-        self.write_zeroes_supported = all(t.num_write_zeroes_bios for t in ts)
         self.single = ts[0] if len(ts) == 1 else None
         self.immutable_type = next((t.name for t in ts if t.features & _t.IMMUTABLE), None)
-        limits = {"logical_block_size": 512, "optimal_io_size": 0}
-        for t in ts:
-            t.io_hints(limits)
-        self.limits = limits
+
+    def capabilities(self) -> Caps:
+        """The targets' capabilities side by side (``pydm.caps.combine``),
+        read-only if the table is; asked again each time, so the devices
+        below are asked too."""
+        caps = combine(t.capabilities() for t in self.targets)
+        return caps.narrowed(readonly=self.readonly) if self.readonly else caps
 
     def _teardown(self, registry):
         for t in reversed(self.targets):

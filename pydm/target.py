@@ -11,11 +11,19 @@ Lifecycle, as in the kernel's ``struct target_type``:
 ``dtr`` (must cope with a half-built target; called exactly once),
 ``map`` / ``end_io`` per bio fragment, ``presuspend`` / ``presuspend_undo`` /
 ``postsuspend`` / ``preresume`` / ``resume`` around suspend, ``status``,
-``message``, ``iterate_devices``, ``io_hints``.
+``message``, ``iterate_devices``, ``capabilities`` / ``io_hints``.
+
+Capabilities (``pydm.caps``) are asked, not assumed: by default a target
+offers what the devices it maps onto offer (``iterate_devices``), narrowed by
+its knobs (no flush without ``num_flush_bios``, no discard without
+``num_discard_bios``...), then adjusted by ``io_hints``.  A target with no
+device below, or one that changes what reaches it (a cache), overrides
+``capabilities``.  The NBD export's flags and block sizes come from here.
 """
 
 import errno
 
+from pydm.caps import Caps, combine
 from pydm.errors import TargetError
 
 # map() results (DM_MAPIO_*).
@@ -57,7 +65,6 @@ class Target:
         self.num_discard_bios = 0
         self.num_write_zeroes_bios = 0
         self.split_discard_bios = False
-        self.flush_supported = False   # FUA/flush ordering honoured
         self.error = None
         self.ctr(args)
 
@@ -104,8 +111,20 @@ class Target:
         """[(device, start_sector, nr_sectors)] for each underlying region."""
         return []
 
-    def io_hints(self, limits: dict) -> None:
-        pass
+    def capabilities(self) -> Caps:
+        """What this target offers now (asked at each NBD handshake)."""
+        devs = [d for d, _s, _n in self.iterate_devices()]
+        below = combine(d.capabilities() for d in devs) if devs else Caps()
+        caps = below.narrowed(flush=self.num_flush_bios > 0, fua=self.num_flush_bios > 0,
+                              discard=self.num_discard_bios > 0,
+                              write_zeroes=self.num_write_zeroes_bios > 0)
+        self.io_hints(caps)
+        caps.settle()
+        return caps
+
+    def io_hints(self, caps: Caps) -> None:
+        """Adjust block-size hints on this target's ``caps`` in place (the
+        kernel's io_hints: era prefers its block size)."""
 
     # Block status for NBD metadata contexts.  ``contexts()`` names extra
     # contexts this target publishes (e.g. era's changed-block views);

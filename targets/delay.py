@@ -52,11 +52,8 @@ class DelayTarget(Target):
         self.write = _Class(self, *args[3:6]) if len(args) >= 6 else self.read
         self.flush = _Class(self, *args[6:9]) if len(args) == 9 else self.write
         self.nargs = len(args)
-        classes = {id(c): c for c in (self.read, self.write, self.flush)}.values()
-        self.num_discard_bios = 1 if all(c.dev.supports_discard for c in classes) else 0
-        self.num_write_zeroes_bios = 1 if all(c.dev.supports_write_zeroes
-                                              for c in classes) else 0
-        self.flush_supported = True
+        self.num_discard_bios = 1
+        self.num_write_zeroes_bios = 1
         self._thread = threading.Thread(target=self._run, name="pydm-delay", daemon=True)
         self._thread.start()
 

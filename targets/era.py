@@ -148,9 +148,8 @@ class EraTarget(Target):
             raise TargetError(f"metadata {args[0]}: {e.strerror}", e.errno) from None
         # Unlike the kernel, no split at era block boundaries: map() marks
         # every block a bio covers, so a 1 MiB write stays one bio.
-        self.num_discard_bios = 1 if self.origin.supports_discard else 0
-        self.num_write_zeroes_bios = 1 if self.origin.supports_write_zeroes else 0
-        self.flush_supported = True
+        self.num_discard_bios = 1
+        self.num_write_zeroes_bios = 1
         self.committed = bitarray(self.nr_blocks)
         self.committed.setall(0)
         self.failed = None
@@ -540,8 +539,9 @@ class EraTarget(Target):
     def iterate_devices(self):
         return [(self.origin, 0, self.len)]
 
-    def io_hints(self, limits):
-        limits["optimal_io_size"] = self.block_size << 9
+    def io_hints(self, caps):
+        # a write that covers whole era blocks waits for at most one commit
+        caps.preferred_block = max(caps.preferred_block, self.block_size << 9)
 
     # ------------------------------------------------ NBD changed extents
     def contexts(self):

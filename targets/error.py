@@ -1,5 +1,6 @@
 """error: every bio fails with EIO (used to wipe a table, and in tests)."""
 
+from pydm.caps import Caps
 from pydm.target import KILL, Target
 
 
@@ -12,6 +13,11 @@ class ErrorTarget(Target):
         super().ctr(args)
         self.num_discard_bios = 1
         self.num_write_zeroes_bios = 1
+
+    def capabilities(self):
+        # It takes every kind of request, and fails it; nothing is kept, so
+        # no flush or FUA to offer.
+        return Caps(discard=True, write_zeroes=True, extents=False)
 
     def map(self, bio):
         return KILL

@@ -55,9 +55,8 @@ class FlakeyTarget(Target):
         self._parse_features(args[4:])
         self.dev, self.start = open_area(self, args[0], args[1])
         self.delta = self.start - self.begin
-        self.num_discard_bios = 1 if self.dev.supports_discard else 0
-        self.num_write_zeroes_bios = 1 if self.dev.supports_write_zeroes else 0
-        self.flush_supported = True
+        self.num_discard_bios = 1
+        self.num_write_zeroes_bios = 1
         self._rng = random.Random()
         self.started = time.monotonic()
 

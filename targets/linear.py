@@ -48,9 +48,10 @@ class LinearTarget(Target):
             raise TargetError("Invalid argument count")
         self.dev, self.start = open_area(self, args[0], args[1])
         self.delta = self.start - self.begin
-        self.num_discard_bios = 1 if self.dev.supports_discard else 0
-        self.num_write_zeroes_bios = 1 if self.dev.supports_write_zeroes else 0
-        self.flush_supported = True
+        # one clone each; whether the device below takes them is its
+        # capabilities' business (asked, not assumed)
+        self.num_discard_bios = 1
+        self.num_write_zeroes_bios = 1
 
     def map(self, bio):
         bio.dev = self.dev

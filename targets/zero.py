@@ -1,6 +1,7 @@
 """zero: reads return zeroes, writes succeed and are dropped."""
 
 from pydm.bio import READ
+from pydm.caps import Caps
 from pydm.store import EXTENT_HOLE, EXTENT_ZERO
 from pydm.target import SUBMITTED, Target
 
@@ -14,6 +15,11 @@ class ZeroTarget(Target):
         super().ctr(args)
         self.num_discard_bios = 1
         self.num_write_zeroes_bios = 1
+
+    def capabilities(self):
+        # Nothing is kept, so nothing is volatile: no flush or FUA to offer.
+        # Zeroing is free.
+        return Caps(discard=True, write_zeroes=True, fast_zero=True)
 
     def map(self, bio):
         if bio.op == READ:

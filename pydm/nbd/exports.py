@@ -1,11 +1,13 @@
 """Exports: how a pydm device looks to an NBD client.
 
 Rules of this module: it reads devices through ``MappedDevice``'s public
-face (size, readonly, supports_*, contexts, block_status) and the
+face (size, readonly, capabilities, contexts, block_status) and the
 ``Control`` registry, and never through tables or targets.  Everything a
 client is told is computed at the moment it asks (INFO, GO, BLOCK_STATUS), so
-a table reload shows up in the next handshake.  Flags describe the live
-table honestly: a table whose targets cannot discard does not offer TRIM.
+a table reload shows up in the next handshake.  Transmission flags and block
+sizes are the device's capabilities (``pydm.caps``), asked down the whole
+stack, never constants: a table whose targets cannot discard does not offer
+TRIM, one with nothing volatile (``zero``, ``error``) no FLUSH or FUA.
 """
 
 from pydm.bio import SECTOR_SHIFT
@@ -13,25 +15,28 @@ from pydm.errors import DMError
 from pydm.nbd import protocol as P
 
 
-def export_flags(dev, force_readonly=False) -> int:
-    """Transmission flags (without DF) for a device's live table."""
-    flags = P.TF_HAS_FLAGS | P.TF_SEND_CACHE
-    readonly = force_readonly or dev.readonly
-    if dev.supports_flush:
-        flags |= P.TF_SEND_FLUSH | P.TF_SEND_FUA
-    if readonly:
+def export_flags(caps, force_readonly=False) -> int:
+    """Transmission flags (without DF) for a device's capabilities."""
+    flags = P.TF_HAS_FLAGS
+    if caps.cache:
+        flags |= P.TF_SEND_CACHE
+    if caps.flush:
+        flags |= P.TF_SEND_FLUSH
+    if caps.fua:
+        flags |= P.TF_SEND_FUA
+    if force_readonly or caps.readonly:
         flags |= P.TF_READ_ONLY
     else:
-        if dev.supports_discard:
+        if caps.discard:
             flags |= P.TF_SEND_TRIM
-        if dev.supports_write_zeroes:
-            # FAST_ZERO is answered honestly: ENOTSUP unless we know zeroing
-            # beats writing, which the device layer cannot promise.
+        if caps.write_zeroes:
+            # FAST_ZERO is understood whenever zeroing is: it runs when the
+            # stack zeroes without writing (caps.fast_zero), and is answered
+            # ENOTSUP at once otherwise, which is what the flag asks for.
             flags |= P.TF_SEND_WRITE_ZEROES | P.TF_SEND_FAST_ZERO
-    # Every connection reaches the same in-process device, whose flush goes
-    # to the shared backing stores: a FLUSH or FUA on one connection covers
-    # what every other connection has had acknowledged.
-    if readonly or dev.supports_flush:
+    # Every connection reaches the same in-process device: one consistent
+    # view, and a FLUSH on any connection reaches every store below.
+    if caps.multi_conn:
         flags |= P.TF_CAN_MULTI_CONN
     return flags
 
@@ -76,8 +81,11 @@ class Catalog:
         dev = self.resolve(name)
         if dev is None:
             return None
-        return P.ExportInfo(dev.name, dev.size, export_flags(dev, self.readonly),
-                            describe(dev), dev.contexts(), dev.accepts_context)
+        caps = dev.capabilities()
+        return P.ExportInfo(dev.name, dev.size, export_flags(caps, self.readonly),
+                            describe(dev), dev.contexts(caps), dev.accepts_context,
+                            (caps.min_block, caps.preferred_block, caps.max_block),
+                            caps.fast_zero)
 
 
 def block_status(dev, context: str, offset: int, length: int, req_one: bool):

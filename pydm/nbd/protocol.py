@@ -21,6 +21,8 @@ NetworkBlockDevice/nbd project); references below name its sections.
 
 import struct
 
+from pydm import errors as _errors
+
 # --------------------------------------------------------------- constants
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
@@ -108,18 +110,22 @@ REPLY_TYPE_BLOCK_STATUS = 5
 REPLY_TYPE_ERROR = 0x8001
 REPLY_TYPE_ERROR_OFFSET = 0x8002
 
-# NBD error values (the numbers pydm.errors.nbd_error produces)
+# NBD error values, from their one home (pydm.errors.nbd_error produces them)
 EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN = (
-    1, 5, 12, 22, 28, 75, 95, 108)
+    _errors.NBD_EPERM, _errors.NBD_EIO, _errors.NBD_ENOMEM, _errors.NBD_EINVAL,
+    _errors.NBD_ENOSPC, _errors.NBD_EOVERFLOW, _errors.NBD_ENOTSUP, _errors.NBD_ESHUTDOWN)
+
+# check_request: answer success at once, with no I/O (a zero-length request;
+# CACHE, a hint the page cache already acts on)
+NO_IO = -1
 
 # Limits.  Strings are capped by the spec; an option body is capped so a
 # hostile client cannot make us buffer much before we have said a word.
 MAX_STRING = 4096
 MAX_OPTION_DATA = 64 << 10
 MAX_META_QUERIES = 128
-MAX_PAYLOAD = 32 << 20          # advertised maximum READ/WRITE length
-MIN_BLOCK = 512                 # bios are sector-granular
-PREFERRED_BLOCK = 4096
+MAX_PAYLOAD = 32 << 20          # the largest READ/WRITE taken at all
+MIN_BLOCK = 512                 # bios are sector-granular: no export goes below
 MAX_EXTENTS = 1 << 16           # per block-status chunk (spec allows 2^20)
 HOLE_BLOCK = 4096               # OFFSET_HOLE chunks cover whole aligned blocks
 HOLE_READ_MIN = 64 << 10        # smaller reads are always one data chunk
@@ -164,10 +170,11 @@ class ExportInfo:
     the negotiation and is added by ``Session``.
     """
 
-    __slots__ = ("name", "size", "flags", "description", "contexts", "accepts")
+    __slots__ = ("name", "size", "flags", "description", "contexts", "accepts",
+                 "block_sizes", "fast_zero")
 
     def __init__(self, name, size, flags, description="", contexts=("base:allocation",),
-                 accepts=None):
+                 accepts=None, block_sizes=(MIN_BLOCK, 4096, MAX_PAYLOAD), fast_zero=False):
         self.name = name
         self.size = size
         self.flags = flags | TF_HAS_FLAGS
@@ -176,6 +183,14 @@ class ExportInfo:
         # Optional fn(name) -> bool for contexts chosen by name but too many
         # to list (era's "changed since era N" for every N).
         self.accepts = accepts
+        # (minimum, preferred, maximum) for NBD_INFO_BLOCK_SIZE and the
+        # request checks; the minimum is never below a sector
+        lo, pref, hi = block_sizes
+        lo = max(lo, MIN_BLOCK)
+        hi = max(min(hi, MAX_PAYLOAD), lo)
+        self.block_sizes = (lo, min(max(pref, lo), hi), hi)
+        # whether a FAST_ZERO write-zeroes may run (else: ENOTSUP at once)
+        self.fast_zero = fast_zero
 
     def has_context(self, name: str) -> bool:
         return name in self.contexts or (self.accepts is not None and self.accepts(name))
@@ -188,7 +203,7 @@ class Session:
     BLOCK_STATUS answers one chunk per entry.
     """
 
-    __slots__ = ("export", "structured", "contexts", "flags")
+    __slots__ = ("export", "structured", "contexts", "flags", "min_block", "max_block")
 
     def __init__(self, export: ExportInfo, structured: bool, contexts: dict):
         self.export = export
@@ -198,6 +213,7 @@ class Session:
         if structured:
             flags |= TF_SEND_DF
         self.flags = flags
+        self.min_block, _pref, self.max_block = export.block_sizes
 
 
 # ------------------------------------------------------ handshake states
@@ -457,7 +473,7 @@ class ServerHandshake:
         # Block sizes are sent whether asked or not: clients that did not ask
         # may ignore them, and we cope with any alignment by answering EINVAL.
         parts.append(option_reply(opt, REP_INFO, _BLOCK_INFO.pack(
-            INFO_BLOCK_SIZE, MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD)))
+            INFO_BLOCK_SIZE, *info.block_sizes)))
         if INFO_NAME in wanted:
             parts.append(option_reply(opt, REP_INFO,
                                       _U16.pack(INFO_NAME) + info.name.encode()))
@@ -571,7 +587,9 @@ def _matches(query: str, context: str) -> bool:
 # ------------------------------------------------------------ transmission
 def check_request(session: Session, size: int, flags: int, cmd: int,
                   offset: int, length: int) -> int:
-    """0 if the request may run, else the NBD error to answer (proto.md, "Request types" and "Error values").
+    """0 if the request may run, ``NO_IO`` if it is answered with success at
+    once, else the NBD error to answer (proto.md, "Request types" and "Error
+    values").
 
     ``size`` is the export's size now (a table reload may have changed it).
     Lengths over MAX_PAYLOAD for WRITE are the socket layer's business (it
@@ -611,12 +629,16 @@ def check_request(session: Session, size: int, flags: int, cmd: int,
     if cmd == CMD_BLOCK_STATUS and (not session.contexts or not session.structured
                                     or not length):
         return EINVAL
-    if (offset | length) & (MIN_BLOCK - 1):
+    if (offset | length) & (session.min_block - 1):
         return EINVAL
     if offset + length > size:
         return ENOSPC if cmd in (CMD_WRITE, CMD_WRITE_ZEROES) else EINVAL
-    if cmd == CMD_READ and length > MAX_PAYLOAD:
+    if cmd == CMD_READ and length > session.max_block:
         return EOVERFLOW if flags & CMD_FLAG_DF else EINVAL
+    if flags & CMD_FLAG_FAST_ZERO and not session.export.fast_zero:
+        return ENOTSUP          # at once, which is what FAST_ZERO asks for
+    if cmd == CMD_CACHE or not length:
+        return NO_IO
     return 0
 
 

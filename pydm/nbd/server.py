@@ -40,8 +40,8 @@ import socket
 import threading
 import time
 
-from pydm.bio import (Bio, DISCARD, FLUSH, READ, REQ_FUA, REQ_NOUNMAP, REQ_PREFLUSH,
-                      WRITE, WRITE_ZEROES)
+from pydm.bio import (Bio, DISCARD, FLUSH, READ, REQ_FUA, REQ_NOFALLBACK, REQ_NOUNMAP,
+                      REQ_PREFLUSH, WRITE, WRITE_ZEROES)
 from pydm.errors import DMError, PydmError, nbd_error
 from pydm.lockdep import make_event, make_lock
 from pydm.nbd import protocol as P
@@ -71,6 +71,7 @@ INLINE_MAX = 128 << 10         # larger READ/WRITE run on a worker thread
 DEFAULT_WORKERS = 4            # at most, per connection; started as needed
 ERRORS_LOGGED = 5              # per connection; the rest are counted
 
+NO_IO = P.NO_IO
 _get_ident = threading.get_ident
 _unpack_request = P.REQUEST.unpack_from
 _simple = P.SIMPLE_REPLY.pack
@@ -383,13 +384,13 @@ class Connection:
             err = check(session, dev.size, flags, cmd, offset, length)
             if cmd == P.CMD_READ or cmd == P.CMD_WRITE:
                 if err:
+                    if err == NO_IO:                # zero length
+                        self._admit(0)
+                        self._reply_ok_empty(cmd, cookie)
+                        continue
                     if cmd == P.CMD_WRITE:
                         self._skip(length)
                     self._refuse(cmd, cookie, err, offset, length)
-                    continue
-                if not length:
-                    self._admit(0)
-                    self._reply_ok_empty(cmd, cookie)
                     continue
                 self._admit(length)
                 buf = pool.get(length)
@@ -414,7 +415,11 @@ class Connection:
                     submit(bio)
                 continue
             if err:
-                self._refuse(cmd, cookie, err, offset, length)
+                if err == NO_IO:
+                    self._admit(0)
+                    self._reply([_simple(P.SIMPLE_REPLY_MAGIC, 0, cookie)], None, 0)
+                else:
+                    self._refuse(cmd, cookie, err, offset, length)
                 continue
             self._admit(0)
             self._other(cmd, flags, cookie, offset, length, structured)
@@ -426,27 +431,15 @@ class Connection:
                            (cookie, None, 0)))
         elif cmd == P.CMD_TRIM:
             done = self._trim_fua_done if flags & P.CMD_FLAG_FUA else self._simple_done
-            if not length:
-                self._reply([_simple(P.SIMPLE_REPLY_MAGIC, 0, cookie)], None, 0)
-                return
             dev.submit(Bio(DISCARD, offset >> 9, length >> 9, None, 0, done,
                            (cookie, None, 0)))
         elif cmd == P.CMD_WRITE_ZEROES:
-            if flags & P.CMD_FLAG_FAST_ZERO:
-                # We cannot promise zeroing is faster than writing: say so at
-                # once, which is what FAST_ZERO exists for.
-                self._reply([_simple(P.SIMPLE_REPLY_MAGIC, P.ENOTSUP, cookie)], None, 0)
-                return
-            if not length:
-                self._reply([_simple(P.SIMPLE_REPLY_MAGIC, 0, cookie)], None, 0)
-                return
+            # (a FAST_ZERO that the stack cannot honour was refused already)
             bflags = (REQ_FUA if flags & P.CMD_FLAG_FUA else 0) | \
-                     (REQ_NOUNMAP if flags & P.CMD_FLAG_NO_HOLE else 0)
+                     (REQ_NOUNMAP if flags & P.CMD_FLAG_NO_HOLE else 0) | \
+                     (REQ_NOFALLBACK if flags & P.CMD_FLAG_FAST_ZERO else 0)
             dev.submit(Bio(WRITE_ZEROES, offset >> 9, length >> 9, None, bflags,
                            self._simple_done, (cookie, None, 0)))
-        elif cmd == P.CMD_CACHE:
-            # A prefetch hint: the page cache already does what we could.
-            self._reply([_simple(P.SIMPLE_REPLY_MAGIC, 0, cookie)], None, 0)
         elif cmd == P.CMD_BLOCK_STATUS:
             self._block_status(flags, cookie, offset, length)
         else:       # check_request refuses unknown commands; keep it that way

@@ -278,6 +278,9 @@ def test_option_too_big():
 RW = P.ExportInfo("rw", 8 * MiB, P.TF_SEND_FLUSH | P.TF_SEND_FUA | P.TF_SEND_TRIM |
                   P.TF_SEND_WRITE_ZEROES | P.TF_SEND_FAST_ZERO | P.TF_SEND_CACHE)
 RO = P.ExportInfo("ro", 8 * MiB, P.TF_READ_ONLY | P.TF_SEND_FLUSH)
+FZ = P.ExportInfo("fz", 8 * MiB, P.TF_SEND_WRITE_ZEROES | P.TF_SEND_FAST_ZERO,
+                  fast_zero=True)
+BIG = P.ExportInfo("4k", 8 * MiB, 0, block_sizes=(4096, 65536, 1 * MiB))
 
 
 @pytest.mark.parametrize("export,structured,contexts,req,want", [
@@ -293,7 +296,14 @@ RO = P.ExportInfo("ro", 8 * MiB, P.TF_READ_ONLY | P.TF_SEND_FLUSH)
     (RW, True, {}, (0, 42, 0, 0), P.EINVAL),
     (RW, True, {}, (0x80, P.CMD_READ, 0, 512), P.EINVAL),
     (RW, True, {}, (P.CMD_FLAG_NO_HOLE, P.CMD_WRITE, 0, 512), P.EINVAL),
-    (RW, True, {}, (P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO, P.CMD_WRITE_ZEROES, 0, 512), 0),
+    (RW, True, {}, (P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO, P.CMD_WRITE_ZEROES, 0, 512),
+     P.ENOTSUP),                 # the stack cannot zero fast: say so at once
+    (FZ, True, {}, (P.CMD_FLAG_FAST_ZERO, P.CMD_WRITE_ZEROES, 0, 512), 0),
+    (BIG, True, {}, (0, P.CMD_READ, 512, 4096), P.EINVAL),        # below its minimum
+    (BIG, True, {}, (0, P.CMD_READ, 4096, 8192), 0),
+    (BIG, True, {}, (0, P.CMD_READ, 0, 2 * MiB), P.EINVAL),       # past its maximum
+    (RW, True, {}, (0, P.CMD_READ, 0, 0), P.NO_IO),
+    (RW, True, {}, (0, P.CMD_TRIM, 0, 0), P.NO_IO),
     (RW, True, {}, (P.CMD_FLAG_FUA, P.CMD_WRITE, 0, 512), 0),
     (RW, True, {}, (0, P.CMD_FLUSH, 0, 0), 0),
     (RW, True, {}, (0, P.CMD_BLOCK_STATUS, 0, 512), P.EINVAL),
@@ -304,7 +314,7 @@ RO = P.ExportInfo("ro", 8 * MiB, P.TF_READ_ONLY | P.TF_SEND_FLUSH)
     (RO, True, {}, (0, P.CMD_TRIM, 0, 512), P.EPERM),
     (RO, True, {}, (0, P.CMD_READ, 0, 512), 0),
     (RO, True, {}, (P.CMD_FLAG_FUA, P.CMD_READ, 0, 512), P.EINVAL),   # no SEND_FUA
-    (RO, True, {}, (0, P.CMD_CACHE, 0, 512), 0),
+    (RO, True, {}, (0, P.CMD_CACHE, 0, 512), P.NO_IO),
 ])
 def test_check_request(export, structured, contexts, req, want):
     s = P.Session(export, structured, contexts)

@@ -37,7 +37,8 @@ def test_linear_offsets_and_passthrough(env):
     with open(b, "rb") as f:
         assert f.read(1024) == bytes(1024)
     assert c.status("l") == [(0, 100, "linear", ""), (100, 100, "linear", "")]
-    assert dev.supports_discard and dev.supports_write_zeroes and dev.supports_flush
+    caps = dev.capabilities()
+    assert caps.discard and caps.write_zeroes and caps.flush and caps.fua
 
 
 def test_linear_block_status_reports_holes(env):
