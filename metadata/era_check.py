@@ -17,13 +17,12 @@ import numpy as np
 
 from pydm.metadata import array, btree
 from pydm.metadata.block_manager import BlockManager, MetadataError
-from pydm.metadata.era_md import (ERA_VALUE, SB_VALIDATOR, Superblock, is_blank,
+from pydm.metadata.era_md import (ERA_VALUE, SB_VALIDATOR, WRITESET, Superblock, is_blank,
                                   read_era_array)
 from pydm.metadata.space_map import (BITMAP_VALIDATOR, ENTRIES_PER_BITMAP, INDEX_VALIDATOR,
                                      DiskSpaceMap)
 
 _LE64 = struct.Struct("<Q")
-_WS = struct.Struct("<IQ")
 
 
 class Checker:
@@ -101,9 +100,9 @@ class Checker:
     def _writeset_tree(self, root, what, nr_blocks):
         def on_value(era, v):
             # nr_bits may exceed nr_blocks after a shrink: digest uses the minimum
-            nr_bits, bs_root = _WS.unpack(v)
+            nr_bits, bs_root = WRITESET.unpack(v)
             self._array(bs_root, -(-nr_bits // 64), 8, f"writeset {era} bitset")
-        self._btree(root, what, _WS.size, on_value)
+        self._btree(root, what, WRITESET.size, on_value)
 
     # -- the whole check -------------------------------------------------------
     def run(self, check_space_map=True) -> bool:

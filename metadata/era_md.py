@@ -50,7 +50,7 @@ MIN_METADATA_BLOCKS = 8
 DIGEST_BLOCKS = 256
 
 _SB = struct.Struct("<IIQ16sQI128sIIIIIQQQQ")            # 224 bytes
-_WS = struct.Struct("<IQ")                               # writeset record, 12 bytes
+WRITESET = struct.Struct("<IQ")                          # writeset record: nr_bits, root
 SB_VALIDATOR = Validator("era superblock", 146538381)
 
 
@@ -115,16 +115,16 @@ def writeset_info(tm):
     bs_info = bitset.info_for(tm)
 
     def inc(v):
-        tm.inc(_WS.unpack(v)[1])
+        tm.inc(WRITESET.unpack(v)[1])
 
     def dec(v):
-        bitset.delete(bs_info, _WS.unpack(v)[1])
-    return btree.BTreeInfo(tm, _WS.size, value_inc=inc, value_dec=dec)
+        bitset.delete(bs_info, WRITESET.unpack(v)[1])
+    return btree.BTreeInfo(tm, WRITESET.size, value_inc=inc, value_dec=dec)
 
 
 def read_writesets(reader, root):
     """{era: (nr_bits, bitset root)} of a writeset tree."""
-    return {era: _WS.unpack(v) for era, v in btree.walk(reader, root)}
+    return {era: WRITESET.unpack(v) for era, v in btree.walk(reader, root)}
 
 
 def read_era_array(reader, root, nr_blocks) -> np.ndarray:
@@ -144,6 +144,16 @@ def space_advice(nr_blocks: int) -> str:
     return (f"the era array takes 4 bytes per block and each writeset "
             f"{-(-writeset * BLOCK_SIZE // 1024)} KiB; give it at least "
             f"{-(-metadata_blocks_wanted(nr_blocks) * BLOCK_SIZE // mib)} MiB")
+
+
+def restore_blocks_wanted(nr_blocks: int, writeset_bits) -> int:
+    """Metadata blocks a restore of ``nr_blocks`` era blocks with writesets
+    of ``writeset_bits`` bits each writes (era_restore's sizing, doubled as
+    room for the space map and the btrees' splits)."""
+    need = 16 + 2 * -(-nr_blocks // ERAS_PER_BLOCK)
+    for bits in writeset_bits:
+        need += 2 + 2 * -(-bits // bitset.BITS_PER_BLOCK)
+    return 2 * need
 
 
 def metadata_blocks_wanted(nr_blocks: int) -> int:
@@ -348,8 +358,9 @@ class EraMetadata:
         if not sb.ws_root:
             return
         self._flush_writeset()
+        record = WRITESET.pack(sb.ws_nr_bits, sb.ws_root)
         sb.writeset_tree_root = btree.insert(self.ws_info, sb.writeset_tree_root,
-                                             sb.current_era, _WS.pack(sb.ws_nr_bits, sb.ws_root))
+                                             sb.current_era, record)
         self.archived[sb.current_era] = (sb.ws_nr_bits, sb.ws_root)
         sb.ws_root = 0
         sb.ws_nr_bits = 0
@@ -379,7 +390,7 @@ class EraMetadata:
         root = bitset.write_blocks(self.bs_info, root, b,
                                    range(-(-len(b) // bitset.BITS_PER_BLOCK)))
         self.sb.writeset_tree_root = btree.insert(self.ws_info, self.sb.writeset_tree_root,
-                                                  era, _WS.pack(nr_bits, root))
+                                                  era, WRITESET.pack(nr_bits, root))
         self.archived[era] = (nr_bits, root)
 
     def set_eras(self, blocks, eras) -> None:

@@ -4,7 +4,9 @@ Rules of this module:
 
 * The registry lock (``control.registry``) guards only the name -> device
   map.  Nothing calls into a device or a target while holding it: look up,
-  take what is needed, drop it, then act (the libnvdimm lesson).
+  take what is needed, drop it, then act.  (libnvdimm once called into
+  devices under its bus lock and deadlocked against their own locks, an ABBA
+  that lockdep found only once a control-plane stress test could see it.)
 * Tables are constructed outside every device lock (a constructor may open
   lower devices, which needs the registry), then installed under the device's
   control lock.
@@ -77,7 +79,7 @@ class Control:
 
     def __init__(self, registry: TargetRegistry = None, stores: StorePool = None):
         self.targets = registry or TargetRegistry()
-        self.stores = stores or StorePool(lambda: make_lock("store.pool"))
+        self.stores = stores or StorePool()
         self.claims = ClaimRegistry()
         self._lock = make_lock("control.registry")
         self._devices = {}

@@ -19,7 +19,7 @@ import threading
 from pydm import __version__
 from pydm.ctlargs import check_request
 from pydm.errors import DMError, PydmError, strerror
-from pydm.lockdep import make_lock
+from pydm.lockdep import make_event, make_lock
 from pydm.paths import socket_path
 from pydm.sockets import Refusals, accept_loop, bind_unix, unlink_if_ours
 
@@ -108,7 +108,7 @@ class ControlServer:
         self._sock = None
         self._identity = None
         self._thread = None
-        self._closing = threading.Event()
+        self._closing = make_event()
         self._lock = make_lock("control.conns")
         self._conns = set()
         self._refusals = Refusals("control socket")

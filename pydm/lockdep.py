@@ -3,7 +3,8 @@
 Rules of this module:
 
 * Every lock in pydm is created here (``make_lock``, ``make_rlock``,
-  ``make_condition``); a test greps the tree for stray ``threading.Lock(``.
+  ``make_condition``, ``make_event``); tests/core/test_lock_factory.py scans
+  the tree for any other use of a threading primitive.
 * The checker is decided once, at import, from ``PYDM_LOCKDEP=1``.  When off
   the factory returns plain ``threading`` objects: zero overhead.
 * When on, a lock belongs to a *class* (the name given to the factory).  Each

@@ -4,8 +4,8 @@ Rules of this module: target classes are found through the ``pydm.targets``
 entry-point group (so other packages can add targets), falling back to the
 module ``pydm.targets.<name>`` when pydm runs from a source tree that was not
 installed.  A type in use by any table is refcounted and cannot be
-unregistered (the ocfs2 stackglue rule: the active stack may not change while
-anything uses it).
+unregistered (as ocfs2's stackglue refuses to switch the cluster stack plugin
+while a filesystem uses it: code in use must not vanish under its users).
 """
 
 import errno

@@ -152,6 +152,18 @@ def _broadcast_flush(dev, table, flush, orig):
         _dispatch(t, c, dev)
 
 
+def _fragment_end(t, s, limit, data_op):
+    """Where a fragment starting at ``s`` in target ``t`` must end: the
+    target's end (``limit``) or its next ``max_io_len`` boundary, a grid
+    aligned to the target's own start."""
+    m = t.max_io_len
+    if m and (data_op or t.split_discard_bios):
+        grid = s + m - (s - t.begin) % m
+        if grid < limit:
+            return grid
+    return limit
+
+
 def _split(dev, table, bio):
     op = bio.op
     sector = bio.sector
@@ -160,16 +172,10 @@ def _split(dev, table, bio):
         dev.io_done(bio, errno.EIO if bio.nr_sectors else 0)
         return
     ends = table.ends
-    targets = table.targets
     idx = bisect_right(ends, sector)
-    t = targets[idx]
-    limit = ends[idx]
+    t = table.targets[idx]
     data_op = op == READ or op == WRITE
-    if t.max_io_len and (data_op or t.split_discard_bios):
-        m = t.max_io_len
-        grid = sector + m - (sector - t.begin) % m
-        if grid < limit:
-            limit = grid
+    limit = _fragment_end(t, sector, ends[idx], data_op) if t.max_io_len else ends[idx]
     if end <= limit and (data_op or _copies(t, op) == 1):
         # Fast path: one fragment, no lock, the original's buffer as is.
         if not data_op and not _copies(t, op):
@@ -202,13 +208,7 @@ def _split_many(dev, table, bio, data_op):
     idx = bisect_right(ends, s)
     while s < end:
         t = targets[idx]
-        limit = ends[idx]
-        if t.max_io_len and (data_op or t.split_discard_bios):
-            m = t.max_io_len
-            grid = s + m - (s - t.begin) % m
-            if grid < limit:
-                limit = grid
-        n = min(end, limit) - s
+        n = min(end, _fragment_end(t, s, ends[idx], data_op)) - s
         if data_op:
             frags.append((t, s, n, 0))
         else:

@@ -17,10 +17,10 @@ safe to run from many threads, and they release the GIL while they block.
 import errno
 import os
 import stat
-import threading
 
 from pydm import bio as _bio
 from pydm.caps import Caps
+from pydm.lockdep import make_lock
 from pydm.errors import PydmError, strerror
 
 # Extent flags, shared with NBD base:allocation (same bit values).
@@ -355,8 +355,8 @@ class StorePool:
     handle stays valid for its current users).
     """
 
-    def __init__(self, lock_factory=threading.Lock, opener=None):
-        self._lock = lock_factory()
+    def __init__(self, lock_factory=None, opener=None):
+        self._lock = lock_factory() if lock_factory else make_lock("store.pool")
         self._open = {}   # (identity, readonly) -> [store, refcount]
         # opener(path, readonly) -> a store with FileStore's face (``key``,
         # ``refresh_size``, ``close``); FileStore itself by default.

@@ -73,13 +73,10 @@ def cmd_invalidate(args):
 
 
 def _estimate_blocks(xml_path):
+    from pydm.metadata.era_md import restore_blocks_wanted
     from pydm.metadata.era_xml import parse_xml
     sbx, writesets, _eras = parse_xml(xml_path)
-    n = sbx["nr_blocks"]
-    need = 16 + 2 * (-(-n // 1018))
-    for nr_bits, _bits in writesets.values():
-        need += 2 + 2 * (-(-nr_bits // 32576))
-    return need * 2
+    return restore_blocks_wanted(sbx["nr_blocks"], [n for n, _b in writesets.values()])
 
 
 def cmd_restore(args):
