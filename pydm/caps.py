@@ -91,26 +91,22 @@ class Caps:
                 f"{self.preferred_block}/{self.max_block}>")
 
 
+# How each field combines side by side (the module rules, as data).
+_ANY = ("readonly", "flush", "fua")
+_ALL = ("discard", "write_zeroes", "fast_zero", "multi_conn", "cache", "extents")
+_LARGEST = ("min_block", "preferred_block")
+_SMALLEST = ("max_block",)
+
+
 def combine(parts) -> Caps:
     """The capabilities of ``parts`` side by side (see the module rules)."""
     parts = list(parts)
     if not parts:
         return Caps()
-    out = Caps(
-        readonly=any(p.readonly for p in parts),
-        flush=any(p.flush for p in parts),
-        fua=any(p.fua for p in parts),
-        discard=all(p.discard for p in parts),
-        write_zeroes=all(p.write_zeroes for p in parts),
-        fast_zero=all(p.fast_zero for p in parts),
-        multi_conn=all(p.multi_conn for p in parts),
-        cache=all(p.cache for p in parts),
-        extents=all(p.extents for p in parts),
-        min_block=max(p.min_block for p in parts),
-        preferred_block=max(p.preferred_block for p in parts),
-        max_block=min(p.max_block for p in parts),
-        max_discard=min((p.max_discard for p in parts if p.max_discard), default=0),
-    )
+    out = Caps()
+    for rule, fields in ((any, _ANY), (all, _ALL), (max, _LARGEST), (min, _SMALLEST)):
+        for f in fields:
+            setattr(out, f, rule(getattr(p, f) for p in parts))
+    out.max_discard = min((p.max_discard for p in parts if p.max_discard), default=0)
     out.settle()
     return out
-
