@@ -1,0 +1,5 @@
+"""writeboost: a log-structured write-back cache (see target.py)."""
+
+from pydm.targets.writeboost.target import WriteboostTarget
+
+TARGET = WriteboostTarget

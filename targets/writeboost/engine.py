@@ -1,0 +1,289 @@
+"""The writeboost I/O paths: writes into the RAM log, reads from wherever the
+newest copy is, sealing segments, and the sticky failure.
+
+Rules of this module:
+
+* One condition (``cond``, lock class "target") guards the ``CacheIndex``,
+  the lifecycle and the queues.  It is never held while a bio completes or
+  while a store's completion could need it: internal reads done with it held
+  (a merge's old sectors) only wait on an Event; everything else is
+  submitted after it is released.
+* A plain write is acknowledged once its data is in the RAM buffer (a disk's
+  volatile write cache).  A FUA write or a flush seals the segment being
+  filled (even an empty one) with itself attached as a barrier; the flusher
+  acknowledges barriers only after their segment and every earlier one are
+  on the cache device and a cache FLUSH succeeded.
+* Writes never span what they cannot see: a piece that needs a free block
+  first waits for room (``_make_room``, which may seal, wait for the
+  flusher, urge the writeback), then looks its block up again.
+* Every write of any kind to either store is admitted by ``begin_write``
+  and ends with ``end_write``; ``fail`` refuses new admissions, waits for
+  those in flight, then enters FAILED.  So after FAILED nothing reaches a
+  store, and the log on the cache stays a prefix the next start replays.
+  In FAILED, writes and flushes fail at once, reads go on from whatever
+  still answers, and every waiter is woken with EIO.
+"""
+
+import errno
+import logging
+
+from pydm.bio import REQ_FUA
+from pydm.lockdep import make_condition
+from pydm.targets.writeboost import layout as L
+from pydm.targets.writeboost.reads import ReadPlan
+from pydm.targets.writeboost.state import Lifecycle
+from pydm.targets.writeboost.storeio import IOFailed
+
+log = logging.getLogger("pydm.writeboost")
+
+SECTOR = L.SECTOR
+
+
+class Failed(Exception):
+    """The target is FAILED (or stopping): the I/O gets EIO."""
+
+
+class Waiter:
+    """An internal barrier: a flush the target itself waits for."""
+
+    def __init__(self, cond):
+        self.cond = cond
+        self.status = None
+
+    def complete(self, status):
+        with self.cond:
+            self.status = status
+            self.cond.notify_all()
+
+
+class Engine:
+    def __init__(self, name, index, cache, backing, tunables):
+        self.name = name
+        self.index = index
+        self.cache = cache               # DeviceIO
+        self.backing = backing           # DeviceIO
+        self.tunables = tunables
+        self.cond = make_condition(name="target")
+        self.life = Lifecycle()
+        self.flusher = None              # set by the target: .add(item)
+        self.writeback = None            # set by the target: .kick()
+        self.readcache = None
+        self.writes_in_flight = 0
+        self.failing = False
+        self.forced = 0                  # drop_caches in progress
+        self.urged = False
+        self.on_fail = None              # fn(first_error), outside the lock
+
+    # --------------------------------------------------------- admission
+    def begin_write(self) -> bool:
+        with self.cond:
+            if self.failing or self.life.failed:
+                return False
+            self.writes_in_flight += 1
+            return True
+
+    def end_write(self) -> None:
+        with self.cond:
+            self.writes_in_flight -= 1
+            if not self.writes_in_flight:
+                self.cond.notify_all()
+
+    def fail(self, err, store, op, sector) -> None:
+        """Enter FAILED (once): no write is admitted from here on."""
+        with self.cond:
+            if self.failing or self.life.failed:
+                self.life.errors += 1
+                return
+            self.failing = True
+            while self.writes_in_flight:
+                self.cond.wait()
+            first = self.life.fail(err, store, op, sector)
+            self.failing = False
+            self.cond.notify_all()
+        if first:
+            log.error("writeboost %s: %s: FAILED; writes and flushes fail from now on, "
+                      "reads go on; remove the device and fix the store, then create it "
+                      "again (it replays the log)", self.name, self.life.first_error)
+            if self.on_fail is not None:
+                self.on_fail()
+
+    def fail_io(self, e: IOFailed) -> None:
+        self.fail(e.errno, e.role, e.op, e.sector)
+
+    # ------------------------------------------------------------ writes
+    def write(self, bio, rel: int) -> int:
+        """Take a write into the log; returns its status, or None when a
+        barrier now owns it (FUA)."""
+        data = bio.data
+        end = rel + bio.nr_sectors
+        with self.cond:
+            if not self.life.active:
+                return errno.EIO
+            try:
+                pos = rel
+                while pos < end:
+                    off = pos % L.BLOCK_SECTORS
+                    cnt = min(L.BLOCK_SECTORS - off, end - pos)
+                    lo = (pos - rel) * SECTOR
+                    self._write_piece(pos // L.BLOCK_SECTORS, off, cnt,
+                                      data[lo:lo + cnt * SECTOR])
+                    pos += cnt
+                if bio.flags & REQ_FUA:
+                    self._seal([bio])
+                    return None
+            except Failed:
+                return errno.EIO
+            except IOFailed as e:
+                log.warning("writeboost %s: %s", self.name, e)
+                return e.errno
+        return 0
+
+    def _write_piece(self, block, off, cnt, src):
+        index = self.index
+        full = cnt == L.BLOCK_SECTORS
+        mask = ((1 << cnt) - 1) << off
+        while True:
+            idx = index.lookup(block)
+            if idx >= 0 and index.in_current(idx):
+                index.stats[0b1110 | full] += 1
+                buf, at = index.ram_copy(idx)
+                at += off * SECTOR
+                buf[at:at + cnt * SECTOR] = src
+                index.make_dirty(idx, mask)
+                return
+            if index.free_in_current():
+                break
+            self._make_room()
+        old_bits, old = 0, None
+        if idx >= 0:
+            index.stats[0b1100 | full] += 1
+            if index.dirty[idx] and not full:
+                old_bits = int(index.bits[idx]) & ~mask & L.FULL
+                if old_bits:
+                    old = self.block_data(idx)
+            index.unlink(idx)
+        else:
+            index.stats[0b1000 | full] += 1
+            if self.readcache is not None:
+                self.readcache.cancel(block)
+        new = index.take(block, mask | old_bits, True)
+        buf, base = index.ram_copy(new)
+        if old is not None:
+            for j in range(L.BLOCK_SECTORS):
+                if old_bits >> j & 1:
+                    buf[base + j * SECTOR:base + (j + 1) * SECTOR] = \
+                        old[j * SECTOR:(j + 1) * SECTOR]
+        buf[base + off * SECTOR:base + (off + cnt) * SECTOR] = src
+
+    def block_data(self, idx) -> bytes:
+        """The 4 KiB of cache block ``idx`` (from RAM while its segment is
+        there, else read from the cache device; cond held)."""
+        ram = self.index.ram_copy(idx)
+        if ram is not None:
+            buf, at = ram
+            return bytes(buf[at:at + L.BLOCK])
+        return self.cache.read(self.index.geo.block_offset(idx), L.BLOCK)
+
+    def _make_room(self):
+        """Until the segment being filled has a free block: seal a full one,
+        open the next when its RAM buffer and slot are free (cond held)."""
+        index = self.index
+        while not index.free_in_current():
+            if not self.life.active:
+                raise Failed()
+            if index.current_open:
+                self._seal([])
+                continue
+            why = index.may_open_next()
+            if not why:
+                index.open_next()
+                return
+            if why == "writeback" and not self.urged:
+                self.urged = True
+                self.writeback.kick()
+            self.cond.wait(1.0)
+
+    def _seal(self, barriers):
+        """Seal the segment being filled (opening an empty one first if
+        none is open) and hand it to the flusher with ``barriers``."""
+        index = self.index
+        if not index.current_open:
+            self._make_room()
+        full = index.length_of_current() == L.BLOCKS_PER_SEGMENT
+        nbytes = index.seal()
+        if barriers and not full:
+            index.count_non_full_flushed += 1
+        self.flusher.add((index.last_sealed, nbytes, barriers))
+
+    def flush(self, bio) -> int:
+        """An empty flush: seal, even an empty segment, with it attached."""
+        with self.cond:
+            if not self.life.active:
+                return errno.EIO
+            try:
+                self._seal([bio])
+            except Failed:
+                return errno.EIO
+        return None
+
+    def sync(self, timeout=None) -> int:
+        """Make every write taken so far durable (suspend, drop_caches, the
+        data synchroniser); the status (0 or EIO)."""
+        with self.cond:
+            if not self.life.active:
+                return errno.EIO
+            w = Waiter(self.cond)
+            try:
+                self._seal([w])
+            except Failed:
+                return errno.EIO
+            while w.status is None and not self.life.failed:
+                self.cond.wait(1.0)
+            return w.status if w.status is not None else errno.EIO
+
+    # ------------------------------------------------------------- reads
+    def read(self, bio, rel: int):
+        """A ReadPlan for ``bio`` (None: it all lives on the backing device,
+        so remap it there)."""
+        with self.cond:
+            return ReadPlan.make(self, bio, rel)
+
+    # ------------------------------------------------- other write paths
+    def write_around(self, bio, rel: int) -> None:
+        """write_around_mode: the write goes to the backing device; copies
+        the cache holds of its blocks are dropped (they are clean: the cache
+        is formatted at every start in this mode)."""
+        if not bio.nr_sectors:
+            return
+        first = rel // L.BLOCK_SECTORS
+        last = (rel + bio.nr_sectors - 1) // L.BLOCK_SECTORS
+        with self.cond:
+            for block in range(first, last + 1):
+                idx = self.index.lookup(block)
+                if idx >= 0:
+                    self.index.unlink(idx)
+                elif self.readcache is not None:
+                    self.readcache.cancel(block)
+
+    def inject_clean(self, batch) -> int:
+        """Read-cached blocks into the log as clean blocks; stops at the
+        first that would have to wait for room.  Returns how many went in."""
+        index = self.index
+        n = 0
+        with self.cond:
+            for block, data in batch:
+                if not self.life.active:
+                    break
+                if index.lookup(block) >= 0:
+                    continue                 # written meanwhile: newer than ours
+                if not index.free_in_current():
+                    if index.current_open:
+                        self._seal([])
+                    if index.may_open_next():
+                        break
+                    index.open_next()
+                idx = index.take(block, L.FULL, False)
+                buf, at = index.ram_copy(idx)
+                buf[at:at + L.BLOCK] = data
+                n += 1
+        return n

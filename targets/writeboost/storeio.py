@@ -1,0 +1,121 @@
+"""Writeboost's I/O to its two devices, as bios, with its busy-time meter.
+
+Rules of this module:
+
+* All I/O to the cache and the backing device goes through ``DeviceIO``:
+  bios submitted to a store or a lower pydm device, never a file
+  descriptor, so either device may be a file, a flakey or delay device, or
+  anything else pydm maps.
+* ``read``/``write``/``flush`` wait for their bio (an Event: a file store
+  completes inline, a lower device on its own thread) and raise ``IOFailed``
+  with the errno, device role, operation and sector; ``submit`` is the
+  asynchronous form for the read path.  Completions of internal bios never
+  take the target's lock, so waiting with it held cannot deadlock.
+* ``busy`` measures the time the device had I/O in flight (the kernel's
+  io_ticks), which the writeback modulator reads as utilisation.
+"""
+
+import errno
+import time
+
+from pydm.bio import Bio, FLUSH, READ, REQ_FUA, REQ_PREFLUSH, WRITE
+from pydm.lockdep import make_event, make_lock
+
+SECTOR = 512
+
+
+class IOFailed(Exception):
+    def __init__(self, err, role, op, sector):
+        super().__init__(f"{op} of the {role} at sector {sector} failed: "
+                         f"{errno.errorcode.get(err, err)}")
+        self.errno = err or errno.EIO
+        self.role = role
+        self.op = op
+        self.sector = sector
+
+
+class _Busy:
+    """Time with at least one bio in flight, as io_ticks counts it."""
+
+    def __init__(self):
+        self.lock = make_lock("wb.busy")
+        self.inflight = 0
+        self.since = 0.0
+        self.total = 0.0
+
+    def begin(self):
+        with self.lock:
+            if not self.inflight:
+                self.since = time.monotonic()
+            self.inflight += 1
+
+    def end(self):
+        with self.lock:
+            self.inflight -= 1
+            if not self.inflight:
+                self.total += time.monotonic() - self.since
+
+    def seconds(self) -> float:
+        with self.lock:
+            extra = time.monotonic() - self.since if self.inflight else 0.0
+            return self.total + extra
+
+
+class _Wait:
+    __slots__ = ("event", "status")
+
+    def __init__(self):
+        self.event = make_event()
+        self.status = None
+
+    def __call__(self, bio):
+        self.status = bio.status
+        self.event.set()
+
+
+class DeviceIO:
+    """I/O to one device (``role``: "cache" or "backing")."""
+
+    def __init__(self, dev, role: str):
+        self.dev = dev
+        self.role = role
+        self.busy = _Busy()
+
+    @property
+    def size(self) -> int:
+        return self.dev.size
+
+    def _run(self, op, sector, data, flags, name):
+        w = _Wait()
+        self.busy.begin()
+        try:
+            self.dev.submit(Bio(op, sector, len(data) // SECTOR if data is not None else 0,
+                                data, flags, w))
+            w.event.wait()
+        finally:
+            self.busy.end()
+        if w.status:
+            raise IOFailed(w.status, self.role, name, sector)
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self._run(READ, offset // SECTOR, memoryview(buf), 0, "read")
+        return bytes(buf)
+
+    def readinto(self, offset: int, view) -> None:
+        self._run(READ, offset // SECTOR, view, 0, "read")
+
+    def write(self, offset: int, data, fua: bool = False) -> None:
+        self._run(WRITE, offset // SECTOR, memoryview(data), REQ_FUA if fua else 0, "write")
+
+    def flush(self) -> None:
+        self._run(FLUSH, 0, None, REQ_PREFLUSH, "flush")
+
+    def submit(self, op, sector, view, done) -> None:
+        """An asynchronous bio; ``done(status)`` runs on completion."""
+        self.busy.begin()
+
+        def end(bio):
+            self.busy.end()
+            done(bio.status)
+        self.dev.submit(Bio(op, sector, len(view) // SECTOR, view, 0, end))
