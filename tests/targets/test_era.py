@@ -1,5 +1,6 @@
 """The era target live: constructor checks, write tracking, messages, the review race."""
 
+import contextlib
 import errno
 import json
 import random
@@ -12,7 +13,8 @@ from helpers import Waiter, do_io, make_image
 from pydm.bio import Bio, FLUSH, READ, REQ_PREFLUSH, WRITE
 from pydm.control import Control
 from pydm.errors import DMError
-from pydm.targets.era import EraTarget
+from pydm.metadata.era_md import EraMetadata
+from pydm.table import TableContext
 
 BS = 8                      # era block: 8 sectors = 4 KiB
 NR = 256                    # era blocks in the test device
@@ -49,8 +51,53 @@ def current_era(c, name):
     return int(status(c, name)[2])
 
 
+def healthy(c, name):
+    """The target has not failed (its status is not ``Error``)."""
+    return status(c, name) != ["Error"]
+
+
 def write_block(dev, blk, byte=b"w", flags=0):
     return do_io(dev, WRITE, blk * BS, data=byte * (BS * 512), flags=flags)[0]
+
+
+@pytest.fixture
+def mark_commits(monkeypatch):
+    """A function: how many metadata commits so far carried marks (a spy on
+    the metadata class, which only the era worker calls)."""
+    count = {"marked": False, "commits": 0}
+    real_mark, real_commit = EraMetadata.mark_range, EraMetadata.commit
+
+    def mark_range(self, first, end):
+        count["marked"] = True
+        return real_mark(self, first, end)
+
+    def commit(self):
+        real_commit(self)
+        if count["marked"]:
+            count["marked"] = False
+            count["commits"] += 1
+    monkeypatch.setattr(EraMetadata, "mark_range", mark_range)
+    monkeypatch.setattr(EraMetadata, "commit", commit)
+    return lambda: count["commits"]
+
+
+def fail_next_commit(monkeypatch):
+    """The next metadata commit fails with EIO; a list that empties when it has."""
+    real = EraMetadata.commit
+    fails = [1]
+
+    def commit_once_failing(self):
+        if fails:
+            fails.pop()
+            raise OSError(errno.EIO, "metadata device I/O error")
+        return real(self)
+    monkeypatch.setattr(EraMetadata, "commit", commit_once_failing)
+    return fails
+
+
+def without_quiesce(monkeypatch):
+    """Messages switch eras without quiescing the device (the review race)."""
+    monkeypatch.setattr(TableContext, "quiesce", lambda self: contextlib.nullcontext())
 
 
 @pytest.mark.parametrize("bs,words", [
@@ -90,7 +137,7 @@ def test_existing_metadata_with_other_block_size_refused(env):
         c.create("e", era_table(tmp, bs=16, nr=NR // 2))
 
 
-def test_fresh_device_runs_at_era_1_and_tracks_writes(env):
+def test_fresh_device_runs_at_era_1_and_tracks_writes(env, mark_commits):
     c, tmp = env
     dev = c.create("e", era_table(tmp))
     st = status(c, "e")
@@ -113,26 +160,23 @@ def test_fresh_device_runs_at_era_1_and_tracks_writes(env):
     assert changed(c, "e", 2)[0] == {3, 7, 20, 21}
     # one bio over ten blocks, two of them already marked, stays one bio
     # and marks all ten in one commit
-    t = dev.live.targets[0]
-    gen = t.generation
+    n = mark_commits()
     assert do_io(dev, WRITE, 19 * BS, data=b"m" * (10 * BS * 512))[0] == 0
-    assert t.generation == gen + 1
+    assert mark_commits() == n + 1
     assert changed(c, "e", 2)[0] == {3, 7} | set(range(19, 29))
     assert do_io(dev, WRITE, 19 * BS, data=b"n" * (10 * BS * 512))[0] == 0
-    assert t.generation == gen + 1          # all marked: no commit
+    assert mark_commits() == n + 1          # all marked: no commit
     with open(tmp / "origin.img", "rb") as f:
         f.seek(100 * BS * 512)
         assert f.read(4096) == b"w" * 4096
 
 
-def test_flush_and_reads_do_not_mark_or_commit(env):
+def test_flush_and_reads_do_not_mark_or_commit(env, mark_commits):
     c, tmp = env
     dev = c.create("e", era_table(tmp))
-    t = dev.live.targets[0]
-    gen = t.generation
     assert do_io(dev, FLUSH, 0, flags=REQ_PREFLUSH)[0] == 0
     assert do_io(dev, READ, 0, 16)[0] == 0
-    assert t.generation == gen
+    assert mark_commits() == 0
     assert changed(c, "e", 1)[0] == set()
 
 
@@ -180,13 +224,11 @@ def test_suspend_resume_rolls_over_and_survives_reload(env):
     assert changed(c, "e", 2)[0] == {2}
 
 
-def test_closed_loop_first_writes_share_commits(env):
+def test_closed_loop_first_writes_share_commits(env, mark_commits):
     """Like fio at iodepth 16: each completion sends a write to a new block.
     Every write lands and is marked; commits carry several writes each."""
     c, tmp = env
     dev = c.create("e", era_table(tmp))
-    t = dev.live.targets[0]
-    gen = t.generation
     blocks = list(range(NR))
     random.Random(5).shuffle(blocks)
     todo = iter(blocks)
@@ -212,7 +254,7 @@ def test_closed_loop_first_writes_share_commits(env):
     assert all_done.wait(30)
     assert statuses == [0] * NR
     assert changed(c, "e", 1)[0] == set(range(NR))
-    assert t.generation - gen < NR // 2
+    assert mark_commits() < NR // 2
     with open(tmp / "origin.img", "rb") as f:
         for blk in (blocks[0], blocks[-1]):
             f.seek(blk * BS * 512)
@@ -227,11 +269,10 @@ def test_group_commit_wait_is_bounded_and_yields_to_messages(env, interrupt):
     wait at once."""
     c, tmp = env
     dev = c.create("e", era_table(tmp))
-    t = dev.live.targets[0]
+    worker = dev.live.targets[0].worker
     assert write_block(dev, 1) == 0
-    with t._cond:
-        t._expect = 100                  # as if 100 writes had just been released
-        t._commit_time = 60.0 if interrupt else 0.2
+    # as if a commit that took this long had just released 100 writes
+    worker.call(worker.note_commit, 60.0 if interrupt else 0.2, 100)
     w = Waiter()
     dev.submit(Bio(WRITE, 9 * BS, BS, memoryview(bytearray(BS * 512)), 0, w))
     if interrupt:
@@ -243,7 +284,7 @@ def test_group_commit_wait_is_bounded_and_yields_to_messages(env, interrupt):
         assert answer and answer[0][2] == "1", "status waited for the gathering"
     assert w.wait(10) == 0
     assert 9 in changed(c, "e", 1)[0]
-    assert t._wake_at == 1
+    assert write_block(dev, 10) == 0     # a lone write wakes the worker again
 
 
 def _slow_origin(c, tmp, ms):
@@ -257,7 +298,8 @@ def test_review_race_write_in_flight_at_checkpoint(env, monkeypatch, quiesce):
     checkpoint and take_metadata_snap arrive.  With the quiesce it lands before
     the new era starts, so the backup taken at the snapshot has it; without it,
     it lands afterwards and no era from the new one on records it."""
-    monkeypatch.setattr(EraTarget, "QUIESCE", quiesce)
+    if not quiesce:
+        without_quiesce(monkeypatch)
     c, tmp = env
     dev = c.create("e", era_table(tmp, _slow_origin(c, tmp, 300)))
     assert write_block(dev, 42, b"1") == 0         # marks block 42 in era 1
@@ -345,7 +387,7 @@ def test_randomised_checkpoints_never_miss_a_write(env):
 
 
 def test_without_quiesce_the_random_run_misses_writes(env, monkeypatch):
-    monkeypatch.setattr(EraTarget, "QUIESCE", False)
+    without_quiesce(monkeypatch)
     c, tmp = env
     dev = c.create("e", era_table(tmp, _slow_origin(c, tmp, 20)))
     writes, checkpoints = _random_writers_with_checkpoints(c, dev, 50, seed=2)
@@ -366,8 +408,12 @@ def _tight_era(c, tmp, monkeypatch):
 
 def _wait_digest(t, timeout=30):
     deadline = time.monotonic() + timeout
-    while t._digest_pending and time.monotonic() < deadline:
+    while t.digesting and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def _archived_left(t):
+    return t.worker.call(lambda: t.tracker.md.has_archived())
 
 
 def test_background_digest_fits_in_tight_metadata(env, monkeypatch):
@@ -383,7 +429,7 @@ def test_background_digest_fits_in_tight_metadata(env, monkeypatch):
         assert write_block(dev, b) == 0
     c.message("e", 0, "checkpoint")
     _wait_digest(t)
-    assert not t._digest_pending and t.failed is None
+    assert not t.digesting and healthy(c, "e")
     used, total = map(int, status(c, "e")[1].split("/"))
     assert total - used < 64 // 2, "the metadata must not hold a second era array"
     assert write_block(dev, 0) == 0
@@ -406,15 +452,15 @@ def test_no_digest_while_a_metadata_snapshot_is_held(env, monkeypatch):
 
     def settle():
         _wait_digest(t)
-        assert not t._digest_pending and t.failed is None
+        assert not t.digesting and healthy(c, "e")
     settle()
-    assert t._call(t.md.has_archived)          # held back, not failed
+    assert _archived_left(t)                   # held back, not failed
     assert write_block(dev, 1) == 0
     assert changed(c, "e", 1, snapshot=True)[0] == written
     assert changed(c, "e", 1)[0] == written | {1}
     c.message("e", 0, "drop_metadata_snap")
     settle()
-    assert not t._call(t.md.has_archived)
+    assert not _archived_left(t)
     assert changed(c, "e", 1)[0] == written | {1}
     assert changed(c, "e", 2)[0] == {1}
 
@@ -496,7 +542,7 @@ def test_checkpoint_out_of_metadata_space_fails_cleanly_and_the_device_goes_on(e
         pytest.fail("the metadata never filled up")
     assert full.errno == errno.ENOSPC and "drop the metadata snapshot" in str(full)
     era = current_era(c, "e")
-    assert t.failed is None and status(c, "e")[0] != "Error"
+    assert healthy(c, "e")
     for b in (nr - 1, nr - 2):
         assert write_block(dev, b) == 0
     # the era the failed checkpoint would have ended goes on
@@ -504,7 +550,7 @@ def test_checkpoint_out_of_metadata_space_fails_cleanly_and_the_device_goes_on(e
     assert changed(c, "e", 1)[0] == written | {nr - 1, nr - 2}
     c.message("e", 0, "drop_metadata_snap")
     _wait_digest(t)
-    assert not t._call(t.md.has_archived) and t.failed is None
+    assert not _archived_left(t) and healthy(c, "e")
     c.message("e", 0, "checkpoint")
     assert changed(c, "e", 1)[0] == written | {nr - 1, nr - 2}
     c.remove("e")
@@ -519,20 +565,10 @@ def test_a_failed_mark_commit_fails_its_writes_only(env, monkeypatch):
     last commit and the next writes are tracked as before."""
     c, tmp = env
     dev = c.create("e", era_table(tmp))
-    t = dev.live.targets[0]
     assert write_block(dev, 1) == 0
-    md = t.md
-    real = type(md).commit
-    fails = [1]
-
-    def commit_once_failing(self):
-        if fails:
-            fails.pop()
-            raise OSError(errno.EIO, "metadata device I/O error")
-        return real(self)
-    monkeypatch.setattr(type(md), "commit", commit_once_failing)
+    fail_next_commit(monkeypatch)
     assert write_block(dev, 2, b"z") == errno.EIO
-    assert t.failed is None
+    assert healthy(c, "e")
     with open(tmp / "origin.img", "rb") as f:
         f.seek(2 * BS * 512)
         assert f.read(4096) == bytes(4096)         # the failed write went nowhere
@@ -544,19 +580,10 @@ def test_a_failed_mark_commit_fails_its_writes_only(env, monkeypatch):
 def test_a_failed_archive_on_suspend_leaves_the_device_usable(env, monkeypatch):
     c, tmp = env
     dev = c.create("e", era_table(tmp))
-    t = dev.live.targets[0]
     assert write_block(dev, 4) == 0
-    real = type(t.md).commit
-    fails = [1]
-
-    def commit_once_failing(self):
-        if fails:
-            fails.pop()
-            raise OSError(errno.EIO, "metadata device I/O error")
-        return real(self)
-    monkeypatch.setattr(type(t.md), "commit", commit_once_failing)
+    fails = fail_next_commit(monkeypatch)
     c.suspend("e")
-    assert not fails and t.failed is None
+    assert not fails and healthy(c, "e")
     c.resume("e")
     assert current_era(c, "e") == 2
     assert write_block(dev, 5) == 0
