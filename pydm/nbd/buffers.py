@@ -1,8 +1,13 @@
 """Payload buffers for NBD requests: aligned, pooled, reused.
 
-The reader takes one per READ/WRITE, the reply's send gives it back.  Both
-choices here are measured: alignment for the kernel's copies, reuse to skip
-page faults on fresh memory.
+Rules of this module:
+
+* The reader takes one buffer per READ/WRITE, the reply's send gives it
+  back (``Outbox``), exactly once, sent or not.  Both choices here are
+  measured: alignment for the kernel's copies, reuse to skip page faults on
+  fresh memory.
+* No lock: ``list.pop`` and ``list.append`` are atomic under the GIL, and
+  that is all the pool does across threads.
 """
 
 import ctypes

@@ -1,0 +1,227 @@
+"""Transmission on one NBD connection: requests become bios, completions
+become replies.
+
+Rules of this module:
+
+* Protocol decisions are the codec's: ``check_request`` judges each header
+  (raising ``ProtocolError`` for a MUST violation), and every reply is
+  encoded by ``transmission``'s encoders; this module reads the request
+  header in place, maps NBD commands and flags onto bios, and submits them.
+* The reader thread runs ``serve``: parse, check, admit, take a buffer,
+  build the bio, submit.  ``device.submit`` never blocks, so a suspended
+  device holds bios, not the reader.  A large WRITE's submit goes to a
+  worker, so a 1 MiB pwrite overlaps the next recv; a large READ is read by
+  the reader and its reply sent by a worker (``Outbox``), so the next pread
+  overlaps this send (the send is the dearer half).
+* Every request is admitted against the connection's bounds before its
+  buffer is taken (a reader over a bound flushes its batch and waits), and
+  answered exactly once: its completion hands the encoded reply to the
+  outbox, which releases the buffer and the admission once it is sent.
+* The per-request path is lean on purpose: methods and constants are bound
+  to locals or module globals, and the reader's buffer is read directly.
+* No lock is taken here; none is held while calling into a device.
+* Failed requests are logged once each up to ``ERRORS_LOGGED`` per
+  connection, and counted.
+"""
+
+import errno
+import logging
+
+from pydm.bio import (Bio, DISCARD, FLUSH, READ, REQ_FUA, REQ_NOFALLBACK, REQ_NOUNMAP,
+                      REQ_PREFLUSH, WRITE, WRITE_ZEROES)
+from pydm.errors import nbd_error
+from pydm.nbd.exports import block_status
+from pydm.nbd.reader import RBUF_SIZE
+from pydm.nbd.transmission import (NO_IO, SOFT_DISCONNECT, block_status_reply,
+                                   check_request, error_reply, no_io_reply,
+                                   read_header_len, read_reply, simple_reply)
+from pydm.nbd.wire import (CMD_BLOCK_STATUS, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA,
+                           CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_NAMES,
+                           CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, EIO,
+                           REQUEST)
+from pydm.nbd.workers import INLINE_MAX
+
+log = logging.getLogger("pydm.nbd")
+
+ERRORS_LOGGED = 5              # per connection; the rest are counted
+REQUEST_LEN = REQUEST.size     # 28
+_unpack_request = REQUEST.unpack_from
+
+
+def read_pad(structured: bool) -> int:
+    """Where read data starts past a buffer's aligned base: behind the reply
+    header (28 bytes structured, 16 simple) it is 64-byte aligned again."""
+    return -read_header_len(structured) % 64
+
+
+class Dispatcher:
+    """Serve ``session`` on ``dev`` for one connection: requests come from
+    ``reader``, replies go to ``outbox``; ``adm`` admits, ``pool`` lends
+    buffers, ``workers`` take large submits; ``leaving()`` says the
+    connection is going away (stop waiting for memory)."""
+
+    def __init__(self, dev, session, reader, outbox, workers, adm, pool, peer, leaving):
+        self.dev = dev
+        self.session = session
+        self.structured = session.structured
+        self.reader = reader
+        self.outbox = outbox
+        self.reply = outbox.reply
+        self.hand_off = workers.hand_off
+        self.adm = adm
+        self.pool = pool
+        self.peer = peer
+        self.leaving = leaving
+        self.read_pad = read_pad(self.structured)
+        self.errors = 0
+
+    def serve(self):
+        """Run requests until the client disconnects (DISC, or a
+        ``Disconnect`` / ``ProtocolError`` from below)."""
+        dev = self.dev
+        submit = dev.submit
+        session = self.session
+        pool = self.pool
+        read_pad = self.read_pad
+        check = check_request
+        rd = self.reader
+        rbuf = rd.rbuf
+        fill = rd.fill
+        read_into = rd.read_into
+        try_admit = self.adm.try_admit
+        admit = self._admit
+        read_done = self._read_done
+        write_done = self._simple_done
+        hand_off = self.hand_off
+        while True:
+            if rd.rend - rd.rpos < REQUEST_LEN:
+                fill(REQUEST_LEN)
+            magic, flags, cmd, cookie, offset, length = _unpack_request(rbuf, rd.rpos)
+            rd.rpos += REQUEST_LEN
+            err = check(session, dev.size, flags, cmd, offset, length, magic)
+            if err:
+                if err == NO_IO:                    # zero length, CACHE
+                    admit(0)
+                    self.reply([no_io_reply(session, cmd, cookie)], None, 0)
+                    continue
+                if err == SOFT_DISCONNECT:
+                    log.debug("nbd %s: soft disconnect", self.peer)
+                    return
+                if cmd == CMD_WRITE:
+                    rd.skip(length)
+                self._refuse(cmd, cookie, err, offset, length)
+                continue
+            if cmd == CMD_READ:
+                if not try_admit(length):
+                    admit(length)
+                buf = pool.get(length)
+                submit(Bio(READ, offset >> 9, length >> 9, buf.read_view(length, read_pad),
+                           0, read_done, (cookie, offset, buf, length, flags)))
+            elif cmd == CMD_WRITE:
+                if not try_admit(length):
+                    admit(length)
+                buf = pool.get(length)
+                view = buf.write_view(length)
+                rd.fill_cap = REQUEST_LEN if length > INLINE_MAX else RBUF_SIZE
+                try:
+                    read_into(view, length)
+                except BaseException:
+                    self.outbox.release(buf, length)    # the client left mid-payload
+                    raise
+                bio = Bio(WRITE, offset >> 9, length >> 9, view,
+                          REQ_FUA if flags & CMD_FLAG_FUA else 0, write_done,
+                          (cookie, buf, length))
+                if length > INLINE_MAX:
+                    hand_off((submit, bio))
+                else:
+                    submit(bio)
+            else:
+                if not try_admit(0):
+                    admit(0)
+                self._other(cmd, flags, cookie, offset, length)
+
+    def _admit(self, nbytes):
+        adm = self.adm
+        if not adm.try_admit(nbytes):
+            # Over a bound: our own batch holds replies that free memory.
+            adm.admit(nbytes, self.outbox.flush_pending, self.leaving)
+
+    def _other(self, cmd, flags, cookie, offset, length):
+        dev = self.dev
+        if cmd == CMD_FLUSH:
+            dev.submit(Bio(FLUSH, 0, 0, None, REQ_PREFLUSH, self._simple_done,
+                           (cookie, None, 0)))
+        elif cmd == CMD_TRIM:
+            done = self._trim_fua_done if flags & CMD_FLAG_FUA else self._simple_done
+            dev.submit(Bio(DISCARD, offset >> 9, length >> 9, None, 0, done,
+                           (cookie, None, 0)))
+        elif cmd == CMD_WRITE_ZEROES:
+            # (a FAST_ZERO that the stack cannot honour was refused already)
+            bflags = (REQ_FUA if flags & CMD_FLAG_FUA else 0) | \
+                     (REQ_NOUNMAP if flags & CMD_FLAG_NO_HOLE else 0) | \
+                     (REQ_NOFALLBACK if flags & CMD_FLAG_FAST_ZERO else 0)
+            dev.submit(Bio(WRITE_ZEROES, offset >> 9, length >> 9, None, bflags,
+                           self._simple_done, (cookie, None, 0)))
+        elif cmd == CMD_BLOCK_STATUS:
+            self._block_status(flags, cookie, offset, length)
+        else:       # check_request refuses unknown commands; keep it that way
+            self.reply([simple_reply(EINVAL, cookie)], None, 0)
+
+    def _block_status(self, flags, cookie, offset, length):
+        req_one = bool(flags & CMD_FLAG_REQ_ONE)
+        try:
+            answers = [(cid, block_status(self.dev, name, offset, length, req_one))
+                       for cid, name in sorted(self.session.contexts.items())]
+            parts = block_status_reply(cookie, answers)
+        except Exception as e:
+            log.exception("nbd %s: block status failed", self.peer)
+            parts = [error_reply(self.session, CMD_BLOCK_STATUS, cookie, EIO,
+                                 f"block status failed: {e}")]
+        self.reply(parts, None, 0)
+
+    def _refuse(self, cmd, cookie, err, offset, length):
+        self.errors += 1
+        if self.errors <= ERRORS_LOGGED:
+            log.info("nbd %s: %s %d+%d refused with error %d", self.peer,
+                     CMD_NAMES.get(cmd, cmd), offset, length, err)
+        self._admit(0)
+        self.reply([error_reply(self.session, cmd, cookie, err)], None, 0)
+
+    # ------------------------------------------------------ completions
+    def _read_done(self, bio):
+        cookie, offset, buf, n, flags = bio.private
+        status = bio.status
+        if status:
+            self._count_error(bio)
+            parts = [error_reply(self.session, CMD_READ, cookie, nbd_error(status),
+                                 "read failed")]
+        else:
+            parts = read_reply(self.structured, cookie, offset, flags, bio.data,
+                               buf.raw, buf.base + self.read_pad)
+        self.reply(parts, buf, n)
+
+    def _simple_done(self, bio):
+        cookie, buf, n = bio.private
+        status = bio.status
+        if status:
+            self._count_error(bio)
+            status = nbd_error(status)
+        self.reply([simple_reply(status, cookie)], buf, n)
+
+    def _trim_fua_done(self, bio):
+        if bio.status or self.outbox.closed:
+            self._simple_done(bio)
+            return
+        # The store does not tie durability to a discard: FUA means a flush.
+        self.dev.submit(Bio(FLUSH, 0, 0, None, REQ_PREFLUSH, self._simple_done, bio.private))
+
+    def _count_error(self, bio):
+        self.errors += 1
+        if self.errors <= ERRORS_LOGGED:
+            log.info("nbd %s: %r failed: %s", self.peer, bio,
+                     errno.errorcode.get(bio.status, bio.status))
+
+    def report(self):
+        """Log the count of failed requests once the connection is over."""
+        if self.errors > ERRORS_LOGGED:
+            log.info("nbd %s: %d failed requests in all", self.peer, self.errors)
