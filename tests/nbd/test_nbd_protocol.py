@@ -435,3 +435,61 @@ def test_find_holes_limit():
         many += bytes(64 * K) + b"y" * (64 * K)
     holes = P.find_holes(many, len(many))
     assert len(holes) == P.MAX_HOLES and holes[1] == (128 * K, 64 * K)
+
+
+# ------------------------------------------- header verdicts and encoders
+def test_check_request_judges_the_header():
+    s = P.Session(RW, True, {})
+    with pytest.raises(P.ProtocolError, match="bad request magic"):
+        P.check_request(s, RW.size, 0, P.CMD_READ, 0, 512, 0x12345678)
+    with pytest.raises(P.ProtocolError, match="over the"):
+        P.check_request(s, RW.size, 0, P.CMD_WRITE, 0, P.MAX_PAYLOAD + 512, P.REQUEST_MAGIC)
+    # READ past the payload limit is an error reply, not a disconnect
+    assert P.check_request(s, RW.size, 0, P.CMD_READ, 0, P.MAX_PAYLOAD + 512) == P.EINVAL
+    # DISC ends the session whatever its fields say
+    assert P.check_request(s, RW.size, 0xFF, P.CMD_DISC, 3, 5) == P.SOFT_DISCONNECT
+
+
+def test_simple_and_no_io_replies():
+    assert P.simple_reply(P.EIO, 9) == struct.pack(">IIQ", P.SIMPLE_REPLY_MAGIC, P.EIO, 9)
+    structured, simple = P.Session(RW, True, {}), P.Session(RW, False, {})
+    [(flags, ctype, body)] = _chunks(P.no_io_reply(structured, P.CMD_READ, 4))
+    assert (flags, ctype, body) == (P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, b"")
+    for session, cmd in ((simple, P.CMD_READ), (structured, P.CMD_CACHE),
+                         (structured, P.CMD_WRITE)):
+        assert P.no_io_reply(session, cmd, 4) == P.simple_reply(0, 4)
+
+
+def test_read_reply_forms():
+    n = P.HOLE_READ_MIN * 2
+    raw = bytearray(64) + bytearray(b"r" * P.HOLE_READ_MIN) + bytearray(P.HOLE_READ_MIN)
+    data = memoryview(raw)[64:64 + n]
+    simple = P.read_reply(False, 5, 0, 0, data, raw, 64)
+    assert simple == [P.simple_reply(0, 5), data]
+    assert P.read_header_len(False) == len(simple[0])
+    whole = P.read_reply(True, 5, 1 << 20, P.CMD_FLAG_DF, data, raw, 64)   # DF: one chunk
+    assert whole[1] is data and len(whole) == 2
+    assert whole == P.read_reply_parts(5, 1 << 20, data)
+    assert P.read_header_len(True) == len(whole[0])
+    holes = P.read_reply(True, 5, 1 << 20, 0, data, raw, 64)
+    assert holes == P.read_reply_parts(5, 1 << 20, data, [(P.HOLE_READ_MIN, P.HOLE_READ_MIN)])
+    small = memoryview(raw)[64 + P.HOLE_READ_MIN:64 + P.HOLE_READ_MIN + 4096]   # zeros
+    assert P.read_reply(True, 5, 0, 0, small, raw, 64 + P.HOLE_READ_MIN) == \
+        P.read_reply_parts(5, 0, small)         # too small to look for holes
+
+
+def test_block_status_reply_marks_the_last_chunk_done():
+    chunks = _chunks(b"".join(P.block_status_reply(8, [(1, [(512, 0)]), (2, [(512, 3)])])))
+    assert [(f, t, body[:4]) for f, t, body in chunks] == [
+        (0, P.REPLY_TYPE_BLOCK_STATUS, struct.pack(">I", 1)),
+        (P.REPLY_FLAG_DONE, P.REPLY_TYPE_BLOCK_STATUS, struct.pack(">I", 2))]
+
+
+def test_protocol_is_the_codec_name_space():
+    import types
+    from pydm.nbd import handshake, transmission, wire
+    for part in (wire, handshake, transmission):
+        for name, value in vars(part).items():
+            if not name.startswith("_") and not isinstance(value, types.ModuleType):
+                assert getattr(P, name) is value, (part.__name__, name)
+                assert name in P.__all__
