@@ -1,6 +1,6 @@
 """pydm's NBD server: every pydm device served to NBD clients.
 
-Rules of this package:
+Rules of this module:
 
 * The codec is sans-IO and decides everything about the protocol:
   ``protocol`` is its one name space over ``wire`` (numbers and structs),

@@ -196,8 +196,7 @@ class Connection:
             return
         log.info("nbd %s: serving %s (%s replies)", self.peer, name,
                  "structured" if session.structured else "simple")
-        self.dispatch = Dispatcher(self.dev, session, self.reader, self.outbox, self.workers,
-                                   self.adm, self.server.pool, self.peer, self.is_leaving)
+        self.dispatch = Dispatcher(self, self.dev, session)
         self.workers.start()
         self.outbox.start_batching()
         self.dispatch.serve()

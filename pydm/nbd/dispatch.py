@@ -19,7 +19,8 @@ Rules of this module:
   outbox, which releases the buffer and the admission once it is sent.
 * The per-request path is lean on purpose: methods and constants are bound
   to locals or module globals, and the reader's buffer is read directly.
-* No lock is taken here; none is held while calling into a device.
+* This module takes no lock of its own, and calls into a device holding
+  none.
 * Failed requests are logged once each up to ``ERRORS_LOGGED`` per
   connection, and counted.
 """
@@ -55,23 +56,22 @@ def read_pad(structured: bool) -> int:
 
 
 class Dispatcher:
-    """Serve ``session`` on ``dev`` for one connection: requests come from
-    ``reader``, replies go to ``outbox``; ``adm`` admits, ``pool`` lends
-    buffers, ``workers`` take large submits; ``leaving()`` says the
-    connection is going away (stop waiting for memory)."""
+    """Serve ``session`` on ``dev`` for the connection ``conn``: requests come
+    from its reader, replies go to its outbox, its admission admits, the
+    server's pool lends buffers, its workers take large submits."""
 
-    def __init__(self, dev, session, reader, outbox, workers, adm, pool, peer, leaving):
+    def __init__(self, conn, dev, session):
         self.dev = dev
         self.session = session
         self.structured = session.structured
-        self.reader = reader
-        self.outbox = outbox
-        self.reply = outbox.reply
-        self.hand_off = workers.hand_off
-        self.adm = adm
-        self.pool = pool
-        self.peer = peer
-        self.leaving = leaving
+        self.reader = conn.reader
+        self.outbox = conn.outbox
+        self.reply = conn.outbox.reply
+        self.hand_off = conn.workers.hand_off
+        self.adm = conn.adm
+        self.pool = conn.server.pool
+        self.peer = conn.peer
+        self.leaving = conn.is_leaving      # stop waiting for memory
         self.read_pad = read_pad(self.structured)
         self.errors = 0
 

@@ -21,11 +21,11 @@ Rules of this module:
   buffer back to the pool, its request and bytes back to admission.
 * Once ``closed`` (the connection ends, or a send failed) nothing is sent;
   replies are released at once.
-* Locks (leaves, made by ``pydm.lockdep``): ``nbd.conn.outbox`` guards the
-  outbox and who drains it; ``nbd.conn.write`` serialises messages on the
-  socket (the transport may take ``nbd.conn.tls`` inside it).  Neither is
-  held while calling anything that takes another lock, and ``nbd.conn.outbox``
-  is never held while sending.
+* Locks (made by ``pydm.lockdep``): ``nbd.conn.outbox``, a leaf, guards the
+  outbox and who drains it, and is never held while sending;
+  ``nbd.conn.write`` serialises messages on the socket, with only
+  ``nbd.conn.tls`` (a TLS transport's) ever taken inside it.  Neither is held
+  while calling into a device or admission.
 """
 
 import logging
