@@ -41,7 +41,11 @@ class Daemon:
 
     def claim(self) -> None:
         """Take the control socket before anything else: a second daemon on
-        the same socket stops here, before it opens a single device file."""
+        the same socket stops here, before it opens a single device file.
+        SIGINT/SIGTERM from here on ask for a clean stop (they are seen once
+        the daemon runs), so a signal during start-up is never lost."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.request_stop)
         self.ctl.bind()
 
     def start(self) -> None:

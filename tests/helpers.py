@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -95,18 +94,16 @@ class Daemon:
             args.insert(4, str(config))
         self.proc = subprocess.Popen([*wrapper, *args], stdout=self.log, stderr=subprocess.STDOUT,
                                      env=pydm_env(self.sock), cwd=tmp_path)
+        # Ready when it says so: every listener is up by then (the control
+        # socket alone is bound before the devices are created).
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited: {self.output()}")
-            try:
-                s = socket.socket(socket.AF_UNIX)
-                s.connect(str(self.sock))
-                s.close()
+            if "pydm: serving devices:" in self.output():
                 return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("daemon did not start")
+            time.sleep(0.05)
+        raise AssertionError("daemon did not start:\n" + self.output())
 
     def output(self):
         self.log.flush()
