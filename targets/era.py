@@ -117,9 +117,6 @@ class EraTarget(Target):
         """Archived writesets wait to be folded into the era array."""
         return self.worker.stepping
 
-    # The old private name, still read by tests/cli/test_era_cli.py.
-    _digest_pending = digesting
-
     # ---------------------------------------------------------------- I/O
     def map(self, bio):
         bio.dev = self.origin

@@ -44,7 +44,7 @@ def settle(d):
     """Wait until the background digest has nothing left to do."""
     t = d.control.get("vol").live.targets[0]
     deadline = time.monotonic() + 10
-    while t._digest_pending and time.monotonic() < deadline:
+    while t.digesting and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.05)
 
