@@ -226,20 +226,44 @@ class Engine:
                 return errno.EIO
         return None
 
-    def sync(self, timeout=None) -> int:
+    def sync(self) -> int:
         """Make every write taken so far durable (suspend, drop_caches, the
-        data synchroniser); the status (0 or EIO)."""
+        data synchroniser); the status (0 or EIO).  Unlike a client's flush
+        it seals only a segment that holds something: an idle device's sync
+        is a cache FLUSH alone, and takes no slot."""
         with self.cond:
             if not self.life.active:
                 return errno.EIO
-            w = Waiter(self.cond)
+            if self.index.current_open and self.index.length_of_current():
+                w = Waiter(self.cond)
+                try:
+                    self._seal([w])
+                except Failed:
+                    return errno.EIO
+                while w.status is None and not self.life.failed:
+                    self.cond.wait(1.0)
+                return w.status if w.status is not None else errno.EIO
             try:
-                self._seal([w])
+                self.wait_flushed(self.index.last_sealed)
             except Failed:
                 return errno.EIO
-            while w.status is None and not self.life.failed:
-                self.cond.wait(1.0)
-            return w.status if w.status is not None else errno.EIO
+        if not self.begin_write():
+            return errno.EIO
+        try:
+            self.cache.flush()
+        except IOFailed as e:
+            self.end_write()
+            self.fail_io(e)
+            return errno.EIO
+        self.end_write()
+        return 0
+
+    def wait_flushed(self, seg_id) -> None:
+        """Until segment ``seg_id`` is on the cache device (cond held)."""
+        while self.index.last_flushed < seg_id:
+            if not self.life.active:
+                raise Failed()
+            self.cond.wait(1.0)
 
     # ------------------------------------------------------------- reads
     def read(self, bio, rel: int):

@@ -1,0 +1,328 @@
+"""Every pitfall of the dm-writeboost design as a named test: format, the
+4 KiB split, overwrites, partial blocks, barriers, log wrap, writeback
+order, replay, write-around, drop_caches and the messages."""
+
+import os
+import time
+
+import pytest
+
+from helpers import Waiter
+from pydm.bio import Bio, REQ_FUA, WRITE
+from pydm.errors import DMError
+from pydm.targets.writeboost import layout as L
+from wbtest import BLOCK, SB, SECTOR, SEGMENT, FaultyPool, KillablePool, Rig, stat
+
+
+@pytest.fixture
+def rig(tmp_path):
+    r = Rig(tmp_path)
+    yield r
+    r.close()
+
+
+def pattern(n, seed):
+    return bytes((seed + i) & 0xFF for i in range(n * SECTOR))
+
+
+# ------------------------------------------------------------------ format
+def test_a_blank_cache_is_formatted(tmp_path):
+    with open(tmp_path / "cache.img", "wb") as f:
+        f.write(b"\xee" * (SB + 3 * SEGMENT))      # stale bytes everywhere...
+        f.seek(0)
+        f.write(bytes(SECTOR))                      # ...but a blank first sector
+    with open(tmp_path / "backing.img", "wb") as f:
+        f.write(os.urandom(8192 * SECTOR))
+    r = Rig(tmp_path, segments=3)
+    with open(r.cache, "rb") as f:
+        img = f.read()
+    assert img[:4] == b"tsBW" and not any(img[4:SB])          # record 0
+    for slot in range(3):
+        head = img[SB + slot * SEGMENT:SB + slot * SEGMENT + BLOCK]
+        assert not any(head), slot
+        assert img[SB + slot * SEGMENT + BLOCK:][:BLOCK] == b"\xee" * BLOCK   # data untouched
+    r.close()
+
+
+def test_a_cache_with_a_foreign_first_sector_is_refused(tmp_path):
+    r = Rig(tmp_path)
+    r.close()
+    with open(r.cache, "r+b") as f:
+        f.write(b"XFSB")                                    # somebody's filesystem
+    with pytest.raises(DMError, match="is not a writeboost cache"):
+        Rig(tmp_path)
+
+
+def test_trailing_space_smaller_than_a_segment_is_unused(tmp_path):
+    cache = tmp_path / "cache.img"
+    r = Rig(tmp_path)
+    r.close()
+    os.truncate(cache, SB + 2 * SEGMENT + 12345)
+    with open(cache, "r+b") as f:
+        f.write(bytes(SECTOR))                              # blank: formats again
+    r = Rig(tmp_path)
+    s = r.status()
+    assert s["nr_segments"] == 2 and s["nr_caches"] == 254
+    r.close()
+
+
+# ------------------------------------------------------------------- split
+def test_an_8k_write_at_sector_4_is_three_pieces_setting_only_their_sectors(rig):
+    assert rig.write(4, pattern(16, 1)) == 0
+    s = rig.status()
+    assert stat(s, 1, 0, 0, 0) == 2 and stat(s, 1, 0, 0, 1) == 1   # 4..7, 16..19; 8..15
+    rig.expect(0, 24)                     # sectors 0..3 and 20..23 still the backing's
+
+
+# -------------------------------------------------------------- overwrites
+def test_an_overwrite_in_the_ram_buffer_takes_no_new_block(rig):
+    rig.write(0, pattern(8, 1))
+    cursor = rig.status()["cursor"]
+    rig.write(2, pattern(2, 9))
+    s = rig.status()
+    assert s["cursor"] == cursor and stat(s, 1, 1, 1, 0) == 1
+    rig.expect(0, 8)
+
+
+def test_an_overwrite_of_a_sealed_block_takes_one_and_unions_the_dirty_sectors(rig):
+    rig.write(0, pattern(2, 1))                # sectors 0,1 dirty
+    assert rig.flush() == 0                    # sealed
+    before = rig.status()
+    rig.write(6, pattern(2, 7))                # sectors 6,7: the old 0,1 are read back
+    s = rig.status()
+    assert s["current_id"] == before["current_id"] + 1        # a block of a new segment
+    assert s["cursor"] % 127 == 1 and s["nr_dirty"] == 1
+    assert stat(s, 1, 1, 0, 0) == 1
+    rig.expect(0, 8)
+    rig.control.message("wb", 0, "drop_caches")       # write back the union
+    assert rig.backing_bytes(0, 8) == bytes(rig.shadow[:8 * SECTOR])
+
+
+def test_reads_of_partly_dirty_blocks_overlay_the_backing(rig):
+    rig.write(3, pattern(2, 5))                        # in the RAM buffer
+    rig.expect(0, 8)
+    assert rig.flush() == 0                            # sealed, still in a RAM buffer
+    rig.expect(0, 8)
+    for _ in range(9):                                 # push it out of the RAM ring
+        rig.write(8 * 64, pattern(1, 3))
+        assert rig.flush() == 0
+    rig.expect(0, 8)                                   # from the cache device
+    rig.control.message("wb", 0, "drop_caches")
+    rig.expect(0, 8)                                   # written back, partial bits kept
+
+
+# ---------------------------------------------------------------- barriers
+def test_fua_and_flush_wait_for_the_segment_and_the_cache_flush(tmp_path):
+    pool = FaultyPool()
+    r = Rig(tmp_path, stores=pool)
+    cache = pool.by_name["cache.img"]
+    flushes = cache.flushes
+    s0 = r.status()
+    assert r.write(0, pattern(8, 1), REQ_FUA) == 0
+    s = r.status()
+    assert s["last_flushed"] == s["current_id"] > s0["current_id"]
+    assert cache.flushes == flushes + 1
+    assert s["non_full"] == 1
+    assert r.flush() == 0                              # an empty segment, sealed anyway
+    s2 = r.status()
+    assert s2["current_id"] == s["current_id"] + 1 and s2["non_full"] == 2
+    assert cache.flushes == flushes + 2
+    r.close()
+
+
+def test_a_flush_is_not_acknowledged_before_its_segment_is_durable(tmp_path):
+    pool = FaultyPool()
+    r = Rig(tmp_path, stores=pool)
+    pool.by_name["cache.img"].fail_flush = True
+    r.write(0, pattern(8, 1))
+    assert r.flush() != 0                              # the cache FLUSH failed: EIO
+    assert r.status()["state"][0] == "failed"
+    r.close()
+
+
+# ---------------------------------------------------------------- log wrap
+def test_the_log_wraps_through_urged_writeback_with_data_intact(tmp_path):
+    r = Rig(tmp_path, sectors=8192, segments=3)        # 381 cache blocks
+    for i in range(1200):                              # 3x the cache
+        b = (i * 7) % 1024
+        r.write(b * 8, pattern(8, i))
+    s = r.status()
+    assert s["current_id"] > 3 * s["nr_segments"] and s["last_writeback"] > 0
+    assert s["nr_cur_batched_writeback"] <= 2          # few free slots: small batches
+    r.expect(0, 8192)
+    r.close()
+
+
+def test_writeback_writes_home_only_the_newest_copy_sorted(tmp_path):
+    pool = FaultyPool()
+    r = Rig(tmp_path, stores=pool)
+    r.write(64, pattern(8, 1))
+    r.write(8, pattern(8, 2))
+    assert r.flush() == 0
+    r.write(64, pattern(8, 3))                         # the older copy is now stale
+    assert r.flush() == 0
+    backing = pool.by_name["backing.img"]
+    writes, flushes = backing.writes, backing.flushes
+    r.control.message("wb", 0, "drop_caches")
+    assert backing.writes - writes == 2 and backing.flushes > flushes
+    assert r.backing_bytes(64, 8) == pattern(8, 3)
+    s = r.status()
+    assert s["nr_dirty"] == 0 and s["last_writeback"] == s["last_flushed"]
+    r.close()
+
+
+# ------------------------------------------------------------------ replay
+@pytest.mark.parametrize("flushes", [1, 3, 9])
+def test_replay_after_a_kill_keeps_every_flushed_write(tmp_path, flushes):
+    """Killed after N acknowledged flushes: the RAM buffer is gone, the files
+    keep what reached them; a new target replays every flushed write."""
+    pool = KillablePool()
+    r = Rig(tmp_path, stores=pool)
+    for f in range(flushes):
+        for i in range(50):
+            r.write(((f * 50 + i) * 8) % 8192, pattern(8, f * 50 + i))
+        assert r.flush() == 0
+    flushed = bytes(r.shadow)
+    r.write(0, pattern(8, 99))                         # not flushed: may be lost
+    pool.kill()
+    r.recreate()
+    got = r.read(0, 8192)
+    assert got[8 * SECTOR:] == flushed[8 * SECTOR:]
+    assert got[:8 * SECTOR] in (flushed[:8 * SECTOR], pattern(8, 99))
+    r.close()
+
+
+def test_replay_stops_at_a_lost_middle_segment_instead_of_resurrecting_stale_data(tmp_path):
+    """Segment N lost (never reached the media), N+1 there: the slot of N
+    still holds an older lap's segment, which must not be applied after newer
+    ones (the Linux target's bug)."""
+    pool = KillablePool()
+    r = Rig(tmp_path, segments=3, stores=pool)
+    geo = L.Geometry(os.path.getsize(r.cache))
+    saved = None
+    for i in range(1, 8):                              # segments 1..7 over 3 slots
+        r.write(0, pattern(8, i))
+        assert r.flush() == 0
+        assert r.status()["last_flushed"] == i
+        if i == 3:
+            with open(r.cache, "rb") as f:
+                f.seek(geo.segment_offset(3))
+                saved = f.read(SEGMENT)
+    pool.kill()
+    r.close()
+    with open(r.cache, "r+b") as f:                    # segment 6 lost: its slot
+        f.seek(geo.segment_offset(6))                  # still holds segment 3
+        f.write(saved)
+    r = Rig(tmp_path, segments=3)
+    s = r.status()
+    assert s["last_flushed"] == 5                      # the log ends before the gap
+    assert r.read(0, 8) == pattern(8, 5)               # neither 7 nor the stale 3
+    r.close()
+
+
+def test_a_record_above_the_end_of_the_log_is_clamped(tmp_path):
+    r = Rig(tmp_path)
+    r.write(0, pattern(8, 1))
+    assert r.flush() == 0
+    r.close()
+    with open(r.cache, "r+b") as f:
+        f.seek(L.RECORD_BLOCK_OFFSET)
+        f.write(L.record_block(1000))
+    r = Rig(tmp_path)
+    s = r.status()
+    assert s["last_writeback"] <= s["last_flushed"]
+    r.close()
+
+
+def test_replay_twice_gives_the_same_index_and_writes_nothing(tmp_path):
+    from pydm.targets.writeboost.replay import replay
+    r = Rig(tmp_path)
+    for i in range(300):
+        r.write((i * 11) % 1000 * 8 + i % 3, pattern(5, i))
+        if i % 40 == 0:
+            assert r.flush() == 0
+    r.close()
+    before = open(r.cache, "rb").read()
+    with open(r.cache, "rb") as f:
+        def read(off, n):
+            f.seek(off)
+            return f.read(n)
+        geo = L.Geometry(len(before))
+        a, b = replay(read, geo, 8192), replay(read, geo, 8192)
+    for field in ("sector", "bits", "dirty"):
+        assert (getattr(a.index, field) == getattr(b.index, field)).all()
+    assert (a.merges, a.start, a.index.last_flushed) == (b.merges, b.start, b.index.last_flushed)
+    assert open(r.cache, "rb").read() == before
+    again = Rig(tmp_path)
+    again.shadow = r.shadow
+    again.expect(0, 8192)
+    again.close()
+
+
+# ----------------------------------------------------------- write-around
+def test_write_around_writes_to_the_backing_and_drops_cached_copies(tmp_path):
+    r = Rig(tmp_path)
+    r.write(0, pattern(8, 1))
+    r.control.message("wb", 0, "drop_caches")
+    r.close()
+    r = Rig(tmp_path, opts="2 write_around_mode 1")
+    assert r.write(0, pattern(8, 2)) == 0
+    assert r.backing_bytes(0, 8) == pattern(8, 2)
+    assert r.status()["nr_dirty"] == 0
+    r.expect(0, 8)
+    r.close()
+
+
+def test_write_around_refuses_a_log_with_dirty_blocks(tmp_path):
+    r = Rig(tmp_path)
+    r.write(0, pattern(8, 1))
+    assert r.flush() == 0
+    r.close()                                          # dirty blocks stay in the log
+    with pytest.raises(DMError, match="dirty blocks"):
+        Rig(tmp_path, opts="2 write_around_mode 1")
+
+
+# ---------------------------------------------------------- drop_caches
+def test_drop_caches_seals_the_ram_buffer_first_and_returns(rig):
+    rig.write(0, pattern(8, 1))                        # only in the RAM buffer
+    t0 = time.monotonic()
+    rig.control.message("wb", 0, "drop_caches")
+    assert time.monotonic() - t0 < 5
+    s = rig.status()
+    assert s["nr_dirty"] == 0 and s["last_writeback"] == s["last_flushed"]
+    assert rig.backing_bytes(0, 8) == pattern(8, 1)
+
+
+# --------------------------------------------------------------- messages
+def test_messages_set_tunables_and_refuse_static_or_out_of_range_ones(rig):
+    rig.control.message("wb", 0, "writeback_threshold 70")
+    assert rig.status()["writeback_threshold"] == 70
+    for bad, words in (("write_around_mode 1", "static"), ("nr_read_cache_cells 5", "static"),
+                       ("writeback_threshold 101", "Invalid"), ("read_cache_threshold x",
+                                                                 "Invalid"),
+                       ("bogus", "unrecognised")):
+        with pytest.raises(DMError, match=words):
+            rig.control.message("wb", 0, bad)
+    assert rig.control.table("wb")[0][3].endswith("cache.img")   # table as constructed
+
+
+def test_table_keeps_the_constructor_arguments(tmp_path):
+    r = Rig(tmp_path, opts="4 WriteBack_Threshold 0 sync_data_interval 3")
+    r.control.message("wb", 0, "sync_data_interval 5")
+    assert r.control.table("wb")[0][3].endswith("4 WriteBack_Threshold 0 sync_data_interval 3")
+    assert r.status()["sync_data_interval"] == 5
+    r.close()
+
+
+def test_discard_is_refused_as_unsupported(rig):
+    import errno
+    from helpers import do_io
+    from pydm.bio import DISCARD
+    assert do_io(rig.dev, DISCARD, 0, 8)[0] == errno.EOPNOTSUPP
+    assert not rig.dev.capabilities().discard
+
+
+def test_a_write_in_flight_completes_once(rig):
+    w = Waiter()
+    rig.dev.submit(Bio(WRITE, 0, 8, memoryview(bytearray(pattern(8, 4))), REQ_FUA, w))
+    assert w.wait() == 0 and w.calls == 1
