@@ -103,21 +103,33 @@ class BlockMap:
         live = k >= 0
         return k[live].copy(), v[live].copy()
 
-    def get_many(self, keys) -> np.ndarray:
-        """Values for an array of keys (-1 where absent), vectorised."""
+    def find_many(self, keys) -> np.ndarray:
+        """Table positions of an array of keys (-1 where absent), vectorised."""
         keys = np.asarray(keys, dtype=np.int64)
         table = np.frombuffer(self.keys, dtype=np.int64)
-        vals = np.frombuffer(self.vals, dtype=np.int32)
         out = np.full(len(keys), -1, dtype=np.int64)
         pos = self._homes(keys)
         todo = np.arange(len(keys))
         while len(todo):
             k = table[pos]
             hit = k == keys[todo]
-            out[todo[hit]] = vals[pos[hit]]
+            out[todo[hit]] = pos[hit]
             more = ~hit & (k != EMPTY)
             todo, pos = todo[more], (pos[more] + 1) & self.mask
         return out
+
+    def values_at(self, positions) -> np.ndarray:
+        """The values at ``find_many``'s positions (-1 where absent)."""
+        vals = np.frombuffer(self.vals, dtype=np.int32)
+        return np.where(positions >= 0, vals[np.maximum(positions, 0)], -1)
+
+    def set_at(self, positions, values) -> None:
+        """New values for keys found at ``positions`` (all >= 0)."""
+        np.frombuffer(self.vals, dtype=np.int32)[positions] = values
+
+    def get_many(self, keys) -> np.ndarray:
+        """Values for an array of keys (-1 where absent), vectorised."""
+        return self.values_at(self.find_many(keys))
 
     def _homes(self, keys):
         prod = keys.astype(np.uint64) * np.uint64(_MULT)      # wraps mod 2^64

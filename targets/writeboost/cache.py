@@ -7,10 +7,11 @@ Rules of this module:
 * No I/O, no threads, no waiting.  Every method runs under the target's
   lock (the caller's); the flusher and the writeback task read and change
   this state only through these methods.
-* Per cache block state is flat numpy arrays (``sector``, ``bits``,
-  ``dirty``), the map from backing block to cache block a ``BlockMap``:
-  about 10 bytes a block plus 24 bytes a map slot, never a Python object
-  per block.
+* Per cache block state is flat arrays (``sector``: array('q'), ``bits``
+  and ``dirty``: bytearrays), fast to index one at a time on the I/O path,
+  with numpy views (``*_np``) over the same memory for whole-segment work;
+  the map from backing block to cache block is a ``BlockMap``.  About 10
+  bytes a block plus 24 bytes a map slot, never a Python object per block.
 * Cache index ``i`` is block ``i % 127`` of slot ``i // 127``.  Blocks are
   handed out in order (``cursor``); segment ``current_id`` fills slot
   ``slot_of(current_id)`` in RAM buffer ``(current_id - 1) % NR_BUFFERS``.
@@ -26,6 +27,8 @@ Rules of this module:
   back and the backing flushed).
 """
 
+from array import array
+
 import numpy as np
 
 from pydm.targets.writeboost import layout as L
@@ -39,9 +42,12 @@ class CacheIndex:
     def __init__(self, geo: L.Geometry):
         self.geo = geo
         n = geo.nr_caches
-        self.sector = np.full(n, -1, dtype=np.int64)     # backing sector, -1 = none
-        self.bits = np.zeros(n, dtype=np.uint8)
-        self.dirty = np.zeros(n, dtype=bool)
+        self.sector = array("q", [-1]) * n               # backing sector, -1 = none
+        self.bits = bytearray(n)
+        self.dirty = bytearray(n)                         # 0 or 1
+        self.sector_np = np.frombuffer(self.sector, dtype=np.int64)
+        self.bits_np = np.frombuffer(self.bits, dtype=np.uint8)
+        self.dirty_np = np.frombuffer(self.dirty, dtype=np.uint8)
         self.map = BlockMap(n)
         self.nr_dirty = 0
         self.slot_id = [0] * geo.nr_segments       # segment id each slot holds
@@ -51,6 +57,7 @@ class CacheIndex:
         self.current_id = 0                        # the last segment opened
         self.current_open = False                  # and it still takes blocks
         self.cursor = 0                            # next cache index to hand out
+        self.seg_end = 0                           # cursor limit while one is open
         self.last_sealed = 0
         self.last_flushed = 0
         self.last_writeback = 0
@@ -85,10 +92,7 @@ class CacheIndex:
     # ---------------------------------------------------------- changes
     def free_in_current(self) -> int:
         """Blocks still free in the segment being filled (0: none open)."""
-        if not self.current_open:
-            return 0
-        base = self.geo.slot_of(self.current_id) * L.BLOCKS_PER_SEGMENT
-        return base + L.BLOCKS_PER_SEGMENT - self.cursor
+        return self.seg_end - self.cursor if self.current_open else 0
 
     def length_of_current(self) -> int:
         return self.cursor - self.geo.slot_of(self.current_id) * L.BLOCKS_PER_SEGMENT
@@ -100,28 +104,56 @@ class CacheIndex:
         self.cursor = idx + 1
         self.sector[idx] = block * L.BLOCK_SECTORS
         self.bits[idx] = bits
-        self.dirty[idx] = dirty
+        self.dirty[idx] = 1 if dirty else 0
         if dirty:
             self.nr_dirty += 1
         self.map.put(block, idx)
         return idx
 
+    def replace_run(self, blocks, positions) -> int:
+        """Whole dirty blocks into the next ``len(blocks)`` cache blocks, in
+        one vectorised update (the write path of a large write).
+        ``positions`` are the blocks' places in the map (``find_many``); the
+        copies they point at now are dropped, and the map is pointed at the
+        new ones in place.  Returns the first new cache index."""
+        c = self.cursor
+        k = len(blocks)
+        new = np.arange(c, c + k, dtype=np.int64)
+        found = positions >= 0
+        old = self.map.values_at(positions[found])
+        if len(old):
+            self.nr_dirty -= int(self.dirty_np[old].sum())
+            self.dirty_np[old] = 0
+            self.sector_np[old] = -1
+            self.bits_np[old] = 0
+            self.map.set_at(positions[found], new[found])
+        self.cursor = c + k
+        self.sector_np[c:c + k] = blocks * L.BLOCK_SECTORS
+        self.bits_np[c:c + k] = L.FULL
+        self.dirty_np[c:c + k] = 1
+        self.nr_dirty += k
+        if len(old) < k:
+            put = self.map.put
+            for i in np.nonzero(~found)[0].tolist():
+                put(int(blocks[i]), c + i)
+        return c
+
     def make_dirty(self, idx: int, bits: int) -> None:
         self.bits[idx] |= bits
         if not self.dirty[idx]:
-            self.dirty[idx] = True
+            self.dirty[idx] = 1
             self.nr_dirty += 1
 
     def make_clean(self, idx: int) -> None:
         if self.dirty[idx]:
-            self.dirty[idx] = False
+            self.dirty[idx] = 0
             self.nr_dirty -= 1
 
     def unlink(self, idx: int) -> None:
         """Forget block ``idx`` (a newer copy replaces it, or its slot is
         reused): clean, and no longer found by lookup."""
         self.make_clean(idx)
-        s = int(self.sector[idx])
+        s = self.sector[idx]
         if s >= 0:
             self.map.delete(s // L.BLOCK_SECTORS, idx)
             self.sector[idx] = -1
@@ -138,11 +170,12 @@ class CacheIndex:
         base = slot * L.BLOCKS_PER_SEGMENT
         n = self.cursor - base
         idxs = slice(base, base + n)
-        sectors = self.sector[idxs].tolist()
-        dirty_bits = np.where(self.dirty[idxs], self.bits[idxs], 0).tolist()
+        sectors = self.sector_np[idxs]
+        dirty_bits = np.where(self.dirty_np[idxs], self.bits_np[idxs], 0)
         nbytes = L.seal(self.buffer_of(seg), seg, sectors, dirty_bits)
         self.last_sealed = seg
         self.current_open = False
+        self.seg_end = 0
         return nbytes
 
     def may_open_next(self) -> str:
@@ -164,13 +197,14 @@ class CacheIndex:
         nxt = self.current_id + 1
         slot = self.geo.slot_of(nxt)
         base = slot * L.BLOCKS_PER_SEGMENT
-        for idx in np.nonzero(self.sector[base:base + L.BLOCKS_PER_SEGMENT] >= 0)[0]:
+        for idx in np.nonzero(self.sector_np[base:base + L.BLOCKS_PER_SEGMENT] >= 0)[0]:
             self.unlink(base + int(idx))
         self.slot_id[slot] = nxt
         self.buffer_id[(nxt - 1) % NR_BUFFERS] = nxt
         self.current_id = nxt
         self.current_open = True
         self.cursor = base
+        self.seg_end = base + L.BLOCKS_PER_SEGMENT
 
     def start(self, last_flushed: int, last_writeback: int) -> None:
         """After replay: the log ends at ``last_flushed``; the next segment
@@ -187,10 +221,10 @@ class CacheIndex:
         if self.slot_id[slot] != seg_id:
             return np.zeros(0, dtype=np.int64)
         base = slot * L.BLOCKS_PER_SEGMENT
-        return base + np.nonzero(self.dirty[base:base + L.BLOCKS_PER_SEGMENT])[0]
+        return base + np.nonzero(self.dirty_np[base:base + L.BLOCKS_PER_SEGMENT])[0]
 
     def memory_bytes(self) -> int:
-        return (self.sector.nbytes + self.bits.nbytes + self.dirty.nbytes
+        return (self.sector_np.nbytes + self.bits_np.nbytes + self.dirty_np.nbytes
                 + len(self.map.keys) * 8 + len(self.map.vals) * 4
                 + NR_BUFFERS * L.SEGMENT_BYTES)
 

@@ -27,9 +27,12 @@ Rules of this module:
 import errno
 import logging
 
+import numpy as np
+
 from pydm.bio import REQ_FUA
 from pydm.lockdep import make_condition
 from pydm.targets.writeboost import layout as L
+from pydm.targets.writeboost.cache import NR_BUFFERS
 from pydm.targets.writeboost.reads import ReadPlan
 from pydm.targets.writeboost.state import Lifecycle
 from pydm.targets.writeboost.storeio import IOFailed
@@ -122,11 +125,16 @@ class Engine:
             try:
                 pos = rel
                 while pos < end:
-                    off = pos % L.BLOCK_SECTORS
+                    off = pos & 7
+                    if not off and end - pos >= 2 * L.BLOCK_SECTORS:
+                        n = (end - pos) >> 3               # whole blocks, several
+                        lo = (pos - rel) * SECTOR
+                        self._write_blocks(pos >> 3, n, data[lo:lo + n * L.BLOCK])
+                        pos += n << 3
+                        continue
                     cnt = min(L.BLOCK_SECTORS - off, end - pos)
                     lo = (pos - rel) * SECTOR
-                    self._write_piece(pos // L.BLOCK_SECTORS, off, cnt,
-                                      data[lo:lo + cnt * SECTOR])
+                    self._write_piece(pos >> 3, off, cnt, data[lo:lo + cnt * SECTOR])
                     pos += cnt
                 if bio.flags & REQ_FUA:
                     self._seal([bio])
@@ -139,41 +147,85 @@ class Engine:
         return 0
 
     def _write_piece(self, block, off, cnt, src):
+        """One piece inside one 4 KiB block (cond held)."""
         index = self.index
         full = cnt == L.BLOCK_SECTORS
         mask = ((1 << cnt) - 1) << off
         while True:
-            idx = index.lookup(block)
-            if idx >= 0 and index.in_current(idx):
-                index.stats[0b1110 | full] += 1
-                buf, at = index.ram_copy(idx)
-                at += off * SECTOR
-                buf[at:at + cnt * SECTOR] = src
+            idx = index.map.get(block)
+            if (idx >= 0 and index.current_open
+                    and index.slot_id[idx // L.BLOCKS_PER_SEGMENT] == index.current_id):
+                index.stats[0b1110 | full] += 1           # a hit in the RAM buffer
+                at = (idx % L.BLOCKS_PER_SEGMENT + 1) * L.BLOCK + off * SECTOR
+                index.buffers[(index.current_id - 1) % NR_BUFFERS][at:at + cnt * SECTOR] = src
                 index.make_dirty(idx, mask)
                 return
-            if index.free_in_current():
+            if index.cursor < index.seg_end:
                 break
             self._make_room()
         old_bits, old = 0, None
         if idx >= 0:
             index.stats[0b1100 | full] += 1
-            if index.dirty[idx] and not full:
-                old_bits = int(index.bits[idx]) & ~mask & L.FULL
+            if not full and index.dirty[idx]:
+                old_bits = index.bits[idx] & ~mask & L.FULL
                 if old_bits:
                     old = self.block_data(idx)
             index.unlink(idx)
         else:
             index.stats[0b1000 | full] += 1
-            if self.readcache is not None:
+            if self.readcache.cells:
                 self.readcache.cancel(block)
         new = index.take(block, mask | old_bits, True)
-        buf, base = index.ram_copy(new)
+        buf = index.buffers[(index.current_id - 1) % NR_BUFFERS]
+        base = (new % L.BLOCKS_PER_SEGMENT + 1) * L.BLOCK
         if old is not None:
             for j in range(L.BLOCK_SECTORS):
                 if old_bits >> j & 1:
                     buf[base + j * SECTOR:base + (j + 1) * SECTOR] = \
                         old[j * SECTOR:(j + 1) * SECTOR]
         buf[base + off * SECTOR:base + (off + cnt) * SECTOR] = src
+
+    def _write_blocks(self, first, n, src):
+        """``n`` whole blocks from backing block ``first`` (cond held): runs
+        of blocks not in the RAM buffer go in with one copy and vectorised
+        index updates; a block already in the RAM buffer is overwritten in
+        place."""
+        index = self.index
+        stats = index.stats
+        done = 0
+        while done < n:
+            if index.cursor >= index.seg_end:
+                self._make_room()
+            k = min(n - done, index.seg_end - index.cursor)
+            blocks = np.arange(first + done, first + done + k, dtype=np.int64)
+            positions = index.map.find_many(blocks)
+            found = positions >= 0
+            if found.any():
+                idxs = index.map.values_at(positions)
+                in_ram = found & (idxs // L.BLOCKS_PER_SEGMENT
+                                  == index.geo.slot_of(index.current_id))
+                if in_ram.any():
+                    j = int(np.argmax(in_ram))
+                    if j == 0:                              # this one in place
+                        lo = done * L.BLOCK
+                        self._write_piece(first + done, 0, L.BLOCK_SECTORS,
+                                          src[lo:lo + L.BLOCK])
+                        done += 1
+                        continue
+                    k = j                                   # up to it
+                    blocks, positions, found = blocks[:k], positions[:k], found[:k]
+            hits = int(found.sum())
+            stats[0b1101] += hits
+            stats[0b1001] += k - hits
+            if self.readcache.cells:
+                for b in blocks[~found].tolist():
+                    self.readcache.cancel(b)
+            c = index.replace_run(blocks, positions)
+            buf = index.buffers[(index.current_id - 1) % NR_BUFFERS]
+            base = (c % L.BLOCKS_PER_SEGMENT + 1) * L.BLOCK
+            lo = done * L.BLOCK
+            buf[base:base + k * L.BLOCK] = src[lo:lo + k * L.BLOCK]
+            done += k
 
     def block_data(self, idx) -> bytes:
         """The 4 KiB of cache block ``idx`` (from RAM while its segment is

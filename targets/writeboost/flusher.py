@@ -5,11 +5,13 @@ Rules of this module:
 
 * Runs on its own ``pydm.worker.Worker`` thread (lock class "wb.flush",
   taken after the target's lock when a segment is queued).  A round takes
-  every segment sealed since the last one, writes each with one bio from
-  its RAM buffer (header block and used data blocks), in id order, then,
-  if any of them carries a barrier, FLUSHes the cache device once for all:
-  only then is ``last_flushed`` moved and are the barriers acknowledged.
-  ``last_flushed`` never passes a segment that is not on the cache device.
+  every segment sealed since the last one and writes each with one bio from
+  its RAM buffer (header block and used data blocks), in id order, moving
+  ``last_flushed`` after each (so a writer waiting for that RAM buffer goes
+  on at once); ``last_flushed`` never passes a segment that is not on the
+  cache device.  If any segment of the round carries a barrier, the cache
+  device is FLUSHed once after all of them are written, and only then are
+  the barriers acknowledged.
 * A failed segment write or cache FLUSH makes the target FAILED; the
   segment and every later one stay unflushed, and their barriers get EIO.
   Once FAILED, nothing is written: queued segments only have their
@@ -43,8 +45,8 @@ class Flusher:
         eng = self.engine
         index = eng.index
         barriers = [b for _i, _n, bs in batch for b in bs]
-        done = 0
         err = None
+        written = 0
         for seg_id, nbytes, _bs in batch:
             if not eng.begin_write():
                 break
@@ -57,24 +59,24 @@ class Flusher:
                 eng.end_write()
             if err is not None:
                 break
-            done = seg_id
-        if err is None and done and barriers and done == batch[-1][0]:
+            written = seg_id
+            with eng.cond:              # at once: the writer may be waiting for its buffer
+                index.last_flushed = seg_id
+                eng.cond.notify_all()
+        ok = err is None and written == batch[-1][0]
+        if ok and barriers:
             if eng.begin_write():
                 try:
                     eng.cache.flush()
                 except IOFailed as e:
                     err = e
+                    ok = False
                 finally:
                     eng.end_write()
             else:
-                done = 0
+                ok = False
         if err is not None:
             eng.fail_io(err)
-        elif done:
-            with eng.cond:
-                index.last_flushed = done
-                eng.cond.notify_all()
-        ok = err is None and done == batch[-1][0]
         return [(b, 0 if ok else errno.EIO) for b in barriers] or None
 
     @staticmethod

@@ -24,6 +24,7 @@ little-endian.
 import struct
 
 import google_crc32c
+import numpy as np
 
 SECTOR = 512
 BLOCK = 4096                       # a cache block
@@ -43,6 +44,8 @@ HEADER = struct.Struct("<QIB")                # id, checksum, length
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 MIN_CACHE_BYTES = SB_BYTES + SEGMENT_BYTES
+_METABLOCK_DTYPE = np.dtype([("sector", "<u8"), ("dirty_bits", "u1"), ("pad", "V7")])
+_ZERO_BLOCK = bytes(BLOCK)
 
 
 class LayoutError(Exception):
@@ -98,9 +101,12 @@ def seal(buf, seg_id: int, sectors, dirty_bits) -> int:
     if length > BLOCKS_PER_SEGMENT:
         raise ValueError(f"{length} blocks do not fit a segment")
     mv = memoryview(buf)
-    mv[:BLOCK] = bytes(BLOCK)
-    for i in range(length):
-        METABLOCK.pack_into(buf, HEADER_BYTES + METABLOCK.size * i, sectors[i], dirty_bits[i])
+    mv[:BLOCK] = _ZERO_BLOCK
+    if length:
+        mb = np.zeros(length, dtype=_METABLOCK_DTYPE)
+        mb["sector"] = sectors
+        mb["dirty_bits"] = dirty_bits
+        mv[HEADER_BYTES:HEADER_BYTES + METABLOCK.size * length] = mb.tobytes()
     end = BLOCK * (length + 1)
     crc = checksum(mv[:BLOCK], mv[BLOCK:end])
     HEADER.pack_into(buf, 0, seg_id, crc, length)
