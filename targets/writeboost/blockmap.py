@@ -51,6 +51,19 @@ class BlockMap:
                 return -1
             i = (i + 1) & mask
 
+    def find(self, key: int) -> int:
+        """The table position of ``key`` (its value is ``vals[pos]``), or -1."""
+        keys = self.keys
+        mask = self.mask
+        i = ((key * _MULT) & _MASK64) >> self.shift
+        while True:
+            k = keys[i]
+            if k == key:
+                return i
+            if k == EMPTY:
+                return -1
+            i = (i + 1) & mask
+
     def put(self, key: int, value: int) -> None:
         keys = self.keys
         mask = self.mask

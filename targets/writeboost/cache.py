@@ -52,7 +52,8 @@ class CacheIndex:
         self.nr_dirty = 0
         self.slot_id = [0] * geo.nr_segments       # segment id each slot holds
         self.slot_readers = [0] * geo.nr_segments  # reads in flight from a slot
-        self.buffers = [bytearray(L.SEGMENT_BYTES) for _ in range(NR_BUFFERS)]
+        # memoryviews: a slice assignment into one is a plain memcpy
+        self.buffers = [memoryview(bytearray(L.SEGMENT_BYTES)) for _ in range(NR_BUFFERS)]
         self.buffer_id = [0] * NR_BUFFERS          # segment id each buffer holds
         self.current_id = 0                        # the last segment opened
         self.current_open = False                  # and it still takes blocks
@@ -159,7 +160,7 @@ class CacheIndex:
             self.sector[idx] = -1
             self.bits[idx] = 0
 
-    def buffer_of(self, seg_id: int) -> bytearray:
+    def buffer_of(self, seg_id: int) -> memoryview:
         return self.buffers[(seg_id - 1) % NR_BUFFERS]
 
     def seal(self) -> int:

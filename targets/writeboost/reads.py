@@ -68,7 +68,7 @@ class ReadPlan:
             return
         ram = index.ram_copy(idx)
         index.stats[0b0100 | (index.in_current(idx) << 1) | full] += 1
-        bits = int(index.bits[idx])
+        bits = index.bits[idx]
         cache_sector = index.geo.block_offset(idx) // SECTOR
         data = self.bio.data
         held = False

@@ -109,7 +109,7 @@ def _apply(index, seg, written_back, read, merges):
         old = index.lookup(block)
         new_dirty = dbits != 0 and not written_back
         if old >= 0:
-            extra = int(index.bits[old]) & ~dbits & L.FULL if index.dirty[old] else 0
+            extra = index.bits[old] & ~dbits & L.FULL if index.dirty[old] else 0
             if extra:
                 # older dirty sectors this copy does not carry: they go home
                 data = read(geo.block_offset(old), L.BLOCK)

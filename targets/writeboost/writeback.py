@@ -109,7 +109,7 @@ class Writeback:
                     data = bytes(buf[at:at + L.BLOCK])
                 else:
                     reads.setdefault(seg_id, []).append(idx)
-                items.append((int(index.sector[idx]), seg_id, idx, int(index.bits[idx]),
+                items.append((index.sector[idx], seg_id, idx, index.bits[idx],
                               data))
         return items, reads
 
