@@ -302,12 +302,26 @@ def test_pydm_serve_demo_and_dm_ls(tmp_path):
         with Client(("127.0.0.1", port), "demo") as c:
             c.pwrite(0, b"d" * 4096)
             ls = run([sys.executable, "-m", "pydm", "dm", "ls", "--socket", sock]).stdout
-            # the demo is era (demo) over a two-file linear device (demo-disk)
-            assert ls.startswith("demo\t(253:1)\tclients: nbd 127.0.0.1:"), ls
-            assert "demo-disk\t(253:0)\tclients: dm:demo" in ls, ls
+            # the demo is era (demo) over a writeboost cache (demo-cache) over
+            # a two-file linear device (demo-disk)
+            assert ls.startswith("demo\t(253:2)\tclients: nbd 127.0.0.1:"), ls
+            assert "demo-cache\t(253:1)\tclients: dm:demo" in ls, ls
+            assert "demo-disk\t(253:0)\tclients: dm:demo-cache" in ls, ls
             rm = run([sys.executable, "-m", "pydm", "dm", "remove", "demo", "--socket", sock],
                      check=False)
             assert rm.returncode == 1 and "Device or resource busy" in rm.stderr
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+    # the write went through the cache: it is in the log, and written home
+    # at the latest by the next drop_caches (not here: the log is durable)
+    p = subprocess.Popen([sys.executable, "-m", "pydm", "serve", "--no-nbd",
+                          "--state-dir", str(tmp_path / "demo"), "--socket", sock],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert "serving devices: demo" in p.stdout.readline()
+        run([sys.executable, "-m", "pydm", "dm", "message", "demo-cache", "0", "drop_caches",
+             "--socket", sock])
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(30) == 0
