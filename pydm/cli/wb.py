@@ -523,6 +523,7 @@ def cmd_drain(args):
     if not dirty and not merges:
         print(f"{args.cache}: nothing to drain: no dirty blocks")
         return 0
+    cache = FileStore(args.cache, readonly=False)     # only for the record, at the end
     bar = Progress("draining", len(dirty) + len(merges))
     for n, (sector, data) in enumerate(merges):
         _write(backing, args.backing, sector * L.SECTOR, data)
@@ -541,7 +542,6 @@ def cmd_drain(args):
         bar.update(len(merges) + n + 1)
     _sync(backing, args.backing)
     bar.finish()
-    cache = FileStore(args.cache, readonly=False)
     _write(cache, args.cache, L.RECORD_BLOCK_OFFSET, L.record_block(ix.last_flushed))
     _sync(cache, args.cache)
     print(f"drained {len(dirty)} dirty blocks ({partial} partial) of segments "
