@@ -20,6 +20,10 @@ Rules of this module:
 * The superblock record (last written-back id) is clamped into
   [max(start - 1, last_flushed - nr_segments), last_flushed].
 * Replaying the same image twice gives the same index and merges.
+* Sound segments past the log's end (after a gap) are reported as
+  ``beyond``: they were never covered by an acknowledged flush, and the
+  caller must make them unsound before the log grows back up to their ids,
+  or a later replay would take them for part of the log.
 """
 
 from pydm.targets.writeboost import layout as L
@@ -40,8 +44,9 @@ class Segment:
 class Replayed:
     """What replay found: the index to serve from, and what it decided."""
 
-    def __init__(self, index, merges, start, record, problems):
+    def __init__(self, index, merges, start, record, problems, beyond=()):
         self.index = index
+        self.beyond = list(beyond)    # [(slot, id)] sound segments past the log's end
         self.merges = merges          # [(backing sector, bytes)]
         self.start = start            # first id applied (0: none)
         self.record = record          # the record as found
@@ -97,7 +102,8 @@ def replay(read, geo: L.Geometry, backing_sectors: int) -> Replayed:
     for seg_id in range(start, end + 1 if start else 0):
         _apply(index, sound[seg_id], seg_id <= last_writeback, read, merges)
     index.start(end, last_writeback)
-    return Replayed(index, merges, start, record, problems)
+    beyond = sorted((s.slot, i) for i, s in sound.items() if i > end)
+    return Replayed(index, merges, start, record, problems, beyond)
 
 
 def _apply(index, seg, written_back, read, merges):

@@ -11,7 +11,11 @@ Rules of this module:
   and every slot's header block zeroed, a FLUSH, then the magic with FUA.
 * ``bring_up`` replays (writing nothing to the cache), then writes the
   replay's merges home to the backing device and flushes it, before the
-  target serves a single bio.  In write-around mode the cache is formatted
+  target serves a single bio.  Sound segments replay left past the log's
+  end (after a gap: never covered by an acknowledged flush) get their
+  header block zeroed and the cache is flushed, so that when the log grows
+  back to their ids no later replay takes them for part of it.  In
+  write-around mode the cache is formatted
   at every start; a log that still holds dirty blocks is refused then,
   since formatting would lose them.
 * The memory estimate is checked against the machine's available memory.
@@ -77,6 +81,10 @@ def bring_up(cache_io, backing_io, geo, backing_sectors, action, write_around):
     if action == FORMAT or write_around:
         format_cache(cache_io, geo)
     found = replay(cache_io.read, geo, backing_sectors)
+    if found.beyond:
+        for slot, _seg_id in found.beyond:
+            cache_io.write(geo.slot_offset(slot), bytes(L.BLOCK))
+        cache_io.flush()
     if found.merges:
         for sector, data in found.merges:
             backing_io.write(sector * L.SECTOR, data)
