@@ -185,12 +185,16 @@ class WriteboostTarget(Target):
         eng = self.engine
         if eng.sync():
             raise TargetError("drop_caches failed: the target is FAILED", errno.EIO)
+        # Everything written before this message is now in segments up to
+        # ``goal``: wait for those to be home, not for nr_dirty to reach 0,
+        # which writes arriving meanwhile could put off for ever.
         with eng.cond:
             eng.forced += 1
+            goal = eng.index.last_sealed
         try:
             self.writeback.kick()
             with eng.cond:
-                while eng.index.nr_dirty and eng.life.active:
+                while eng.index.last_writeback < goal and eng.life.active:
                     eng.cond.wait(0.5)
                     self.writeback.kick()
                 if not eng.life.active:

@@ -1,6 +1,8 @@
 """Control-plane stress: 8 threads racing control commands over the real control
 socket while I/O runs (acceptance: no deadlock, every bio completed exactly once,
-no double remove, no lock-order report).
+no double remove, no lock-order report).  The tables include writeboost caches
+(loads over a cache another table of the same device still holds, drop_caches
+racing suspends and removes).
 
 PYDM_STRESS_SECONDS sets the length (default 30).
 """
@@ -85,7 +87,8 @@ def control_worker(n, sock, tables, stop, errors):
                     c.call("suspend", name=name, noflush=True)
                 elif op == "message":
                     c.call("message", name=name, sector=0,
-                           text=rnd.choice(["checkpoint", "checkpoint", "bogus"]))
+                           text=rnd.choice(["checkpoint", "checkpoint", "bogus",
+                                            "drop_caches"]))
                 elif op == "remove":
                     c.call("remove", name=name)
                 elif op == "remove_force":
@@ -136,7 +139,10 @@ def test_control_plane_stress(tmp_path):
     for name in NAMES:
         a = make_image(tmp_path / f"a-{name}.img", 8 << 20)
         b = make_image(tmp_path / f"b-{name}.img", 8 << 20)
+        cache = make_image(tmp_path / f"c-{name}.img", 3 << 20)
         tables[name] = [
+            f"0 8192 writeboost {a} {cache}\n",
+            f"0 8192 writeboost {b} {cache} 2 writeback_threshold 100\n",
             f"0 8192 linear {a} 0\n",
             f"0 4096 linear {a} 0\n4096 4096 linear {b} 0\n",
             f"0 8192 chk {b}\n",
