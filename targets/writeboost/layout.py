@@ -44,7 +44,7 @@ HEADER = struct.Struct("<QIB")                # id, checksum, length
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 MIN_CACHE_BYTES = SB_BYTES + SEGMENT_BYTES
-_METABLOCK_DTYPE = np.dtype([("sector", "<u8"), ("dirty_bits", "u1"), ("pad", "V7")])
+METABLOCK_DTYPE = np.dtype([("sector", "<u8"), ("dirty_bits", "u1"), ("pad", "V7")])
 _ZERO_BLOCK = bytes(BLOCK)
 
 
@@ -103,7 +103,7 @@ def seal(buf, seg_id: int, sectors, dirty_bits) -> int:
     mv = memoryview(buf)
     mv[:BLOCK] = _ZERO_BLOCK
     if length:
-        mb = np.zeros(length, dtype=_METABLOCK_DTYPE)
+        mb = np.zeros(length, dtype=METABLOCK_DTYPE)
         mb["sector"] = sectors
         mb["dirty_bits"] = dirty_bits
         mv[HEADER_BYTES:HEADER_BYTES + METABLOCK.size * length] = mb.tobytes()

@@ -90,7 +90,6 @@ class WriteboostTarget(Target):
         eng.flusher, eng.writeback = self.flusher, self.writeback
         eng.readcache = ReadCache(eng, self.values)    # on while read_cache_threshold > 0
         eng.on_fail = self.ctx.event
-        self.replayed = found
         self.engine = eng
         self.flusher.start()
         self.writeback.start()
