@@ -19,7 +19,7 @@ import errno
 import time
 
 from pydm.bio import Bio, FLUSH, READ, REQ_FUA, REQ_PREFLUSH, WRITE
-from pydm.lockdep import make_event, make_lock
+from pydm.lockdep import make_condition, make_event, make_lock
 
 SECTOR = 512
 
@@ -110,6 +110,35 @@ class DeviceIO:
 
     def flush(self) -> None:
         self._run(FLUSH, 0, None, REQ_PREFLUSH, "flush")
+
+    def write_many(self, writes, window: int = 64) -> None:
+        """Write ``[(byte offset, data)]`` with up to ``window`` bios in
+        flight at once (a slow device serves them side by side); waits for
+        all, then raises ``IOFailed`` for the first that failed."""
+        cond = make_condition(name="wb.writes")
+        state = {"inflight": 0, "error": None}
+
+        def done(bio):
+            self.busy.end()
+            with cond:
+                state["inflight"] -= 1
+                if bio.status and state["error"] is None:
+                    state["error"] = (bio.status, bio.sector)
+                cond.notify()
+        for offset, data in writes:
+            with cond:
+                while state["inflight"] >= window:
+                    cond.wait()
+                state["inflight"] += 1
+            self.busy.begin()
+            view = memoryview(data)
+            self.dev.submit(Bio(WRITE, offset // SECTOR, len(view) // SECTOR, view, 0, done))
+        with cond:
+            while state["inflight"]:
+                cond.wait()
+        if state["error"] is not None:
+            err, sector = state["error"]
+            raise IOFailed(err, self.role, "write", sector)
 
     def submit(self, op, sector, view, done) -> None:
         """An asynchronous bio; ``done(status)`` runs on completion."""

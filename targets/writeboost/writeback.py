@@ -10,8 +10,9 @@ Rules of this module:
 * A batch is the next ``min(flushed - written back, nr_max_batched_writeback,
   free slots + 1)`` segments.  Only blocks still dirty in RAM are copied (a
   block overwritten later is already clean); they are written sorted by
-  backing sector, then segment id; a whole block as one 4 KiB write, a
-  partial one as one write per run of dirty sectors.
+  backing sector, then segment id; a run of dirty sectors is one write, and
+  adjacent runs are joined (up to 1 MiB); up to 64 writes are in flight at
+  once, so a slow backing serves them side by side.
 * ``last_writeback`` moves only after every write of the batch and a FLUSH
   of the backing device succeeded; only then are the blocks marked clean.
   A failed batch is retried (3 tries, backing off), then the target FAILs.
@@ -123,26 +124,38 @@ class Writeback:
             for idx in idxs:
                 at = (idx - lo) * L.BLOCK
                 fetched[idx] = raw[at:at + L.BLOCK]
-        for sector, _seg, idx, bits, data in sorted(items, key=lambda t: (t[0], t[1])):
-            data = data if data is not None else fetched[idx]
-            for j, k in _runs(bits):
-                self._put(sector + j, data[j * SECTOR:k * SECTOR])
-        if items:
-            if not eng.begin_write():
-                raise IOFailed(errno.EIO, "backing", "flush", 0)
-            try:
-                eng.backing.flush()
-            finally:
-                eng.end_write()
-
-    def _put(self, sector, data):
-        eng = self.engine
+        writes = _coalesce(
+            (sector + j, (data if data is not None else fetched[idx])[j * SECTOR:k * SECTOR])
+            for sector, _seg, idx, bits, data in sorted(items, key=lambda t: (t[0], t[1]))
+            for j, k in _runs(bits))
+        if not items:
+            return
         if not eng.begin_write():
-            raise IOFailed(errno.EIO, "backing", "write", sector)
+            raise IOFailed(errno.EIO, "backing", "write", writes[0][0] // SECTOR)
         try:
-            eng.backing.write(sector * SECTOR, data)
+            eng.backing.write_many(writes)
+            eng.backing.flush()
         finally:
             eng.end_write()
+
+
+MAX_WRITE = 1 << 20
+
+
+def _coalesce(runs):
+    """[(byte offset, data)] from sorted (sector, data) runs, adjacent ones
+    joined up to MAX_WRITE (one bio where the kernel target sends many)."""
+    out = []
+    for sector, data in runs:
+        off = sector * SECTOR
+        if out:
+            last_off, parts, size = out[-1]
+            if last_off + size == off and size + len(data) <= MAX_WRITE:
+                parts.append(data)
+                out[-1] = (last_off, parts, size + len(data))
+                continue
+        out.append((off, [data], len(data)))
+    return [(off, parts[0] if len(parts) == 1 else b"".join(parts)) for off, parts, _n in out]
 
 
 def _runs(bits):
