@@ -9,7 +9,9 @@ Rules of this module:
   its RAM buffer (header block and used data blocks), in id order, moving
   ``last_flushed`` after each (so a writer waiting for that RAM buffer goes
   on at once); ``last_flushed`` never passes a segment that is not on the
-  cache device.  If any segment of the round carries a barrier, the cache
+  cache device.  While a writer urges writeback, each move kicks it (the
+  segment whose slot the writer needs may only now be there to write
+  back).  If any segment of the round carries a barrier, the cache
   device is FLUSHed once after all of them are written, and only then are
   the barriers acknowledged.
 * A failed segment write or cache FLUSH makes the target FAILED; the
@@ -63,6 +65,8 @@ class Flusher:
             with eng.cond:              # at once: the writer may be waiting for its buffer
                 index.last_flushed = seg_id
                 eng.cond.notify_all()
+                if eng.urged:           # a writer waits for a slot this segment's
+                    eng.writeback.kick()    # writeback frees: it can go now
         ok = err is None and written == batch[-1][0]
         if ok and barriers:
             if eng.begin_write():

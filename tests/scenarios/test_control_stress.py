@@ -10,8 +10,10 @@ PYDM_STRESS_SECONDS sets the length (default 30).
 import errno
 import os
 import random
+import sys
 import threading
 import time
+import traceback
 
 from helpers import make_image
 from pydm import lockdep, trace
@@ -131,6 +133,13 @@ def io_worker(n, control, stats, stop, errors):
         dev.submit(b)
 
 
+def all_stacks():
+    """Every thread's stack, to show where a hang is."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "\n".join(f"--- {names.get(ident, ident)}\n" + "".join(traceback.format_stack(frame))
+                     for ident, frame in sys._current_frames().items())
+
+
 def test_control_plane_stress(tmp_path):
     # Each name has its own files (two devices may not write one file), and
     # one file is shared, so that loads racing for it meet the claims.
@@ -181,7 +190,7 @@ def test_control_plane_stress(tmp_path):
         for t in threads:
             t.join(60)
         hung = [t.name for t in threads if t.is_alive()]
-        assert not hung, f"threads did not finish (deadlock?): {hung}"
+        assert not hung, f"threads did not finish (deadlock?): {hung}\n{all_stacks()}"
         # Let held I/O go: resume what is suspended, then remove everything.
         for name in control.names():
             try:

@@ -3,6 +3,7 @@
 order, replay, write-around, drop_caches and the messages."""
 
 import os
+import threading
 import time
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from helpers import Waiter
 from pydm.bio import Bio, REQ_FUA, WRITE
 from pydm.errors import DMError
+from pydm.store import FileStore, StorePool
 from pydm.targets.writeboost import layout as L
 from wbtest import BLOCK, SB, SECTOR, SEGMENT, FaultyPool, KillablePool, Rig, stat
 
@@ -149,6 +151,46 @@ def test_the_log_wraps_through_urged_writeback_with_data_intact(tmp_path):
     s = r.status()
     assert s["current_id"] > 3 * s["nr_segments"] and s["last_writeback"] > 0
     assert s["nr_cur_batched_writeback"] <= 2          # few free slots: small batches
+    r.expect(0, 8192)
+    r.close()
+
+
+class SlowCachePool(StorePool):
+    """Stores whose writes to ``cache.img`` take ``delay`` seconds each: the
+    flusher lags behind the writers."""
+
+    def __init__(self, delay):
+        self.delay = delay
+        super().__init__(opener=self._open)
+
+    def _open(self, path, readonly):
+        store = FileStore(path, readonly)
+        if os.path.basename(path) == "cache.img":
+            write_at, delay = store.write_at, self.delay
+
+            def slow_write_at(offset, data):
+                time.sleep(delay)
+                write_at(offset, data)
+            store.write_at = slow_write_at
+        return store
+
+
+def test_a_writer_urging_writeback_before_the_flusher_caught_up_is_not_stranded(tmp_path):
+    """The log wraps while the flusher lags: the writer needs the oldest slot
+    written back before that segment is even on the cache, so the writeback
+    it urges finds nothing to do yet; it must still run once the flusher
+    catches up (it used to sleep until kicked again: writers hung for ever)."""
+    r = Rig(tmp_path, sectors=8192, segments=3, stores=SlowCachePool(0.3))
+    done = threading.Event()
+
+    def writer():
+        for i in range(4 * 127):                       # > 3 segments: the log wraps
+            assert r.write((i % 1024) * 8, pattern(8, i)) == 0
+        done.set()
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    t.join(30)
+    assert done.is_set(), "the writer waiting for room was never woken"
     r.expect(0, 8192)
     r.close()
 
