@@ -1,8 +1,9 @@
 """``pydm wb ...``: writeboost caches, live and offline.
 
-Live, on writeboost devices of a running daemon: ``status`` (the status line
-explained, field by field) and ``drop-caches`` (write every dirty block back,
-with a progress bar).  Offline, on cache image files, with no daemon:
+Live, on writeboost devices of a running daemon (``pydm.cli.wb_live``):
+``status`` (the status line explained, field by field) and ``drop-caches``
+(write every dirty block back, with a progress bar).  Offline, on cache
+image files, with no daemon (here):
 ``check``, ``dump`` and ``drain`` (the cache's dirty blocks written home to a
 backing image, what drop_caches does online).
 
@@ -17,7 +18,6 @@ Rules of this module:
   cache only the superblock record, last, after the backing is fdatasync'ed.
 * Every user error (bad arguments, a missing or foreign file, a damaged
   cache, a daemon refusal) is one line on stderr and exit status 1.
-* Live commands talk to the daemon through the control socket only.
 
 What ``check`` calls damaged (exit 1; the first bad segment is named):
 
@@ -37,14 +37,11 @@ laps, and a record above the log's end (replay clamps it).
 """
 
 import argparse
-import errno
 import sys
-import threading
-import time
 
-from pydm.cli.common import add_client_options, client, fail, print_json
-from pydm.cli.era_live import _why
-from pydm.errors import PydmError, strerror
+from pydm.cli.common import Progress, add_client_options, fail, print_json
+from pydm.cli.wb_live import cmd_drop_caches, cmd_status
+from pydm.errors import strerror
 
 NO_LIMIT = 1 << 62          # backing sectors when the size is not known
 SHOWN = 20                  # damage lines check prints at most
@@ -61,187 +58,6 @@ DAMAGED_HELP = (
     "exit 0): an unsound segment at the tail of the log (a torn last write: what a "
     "crash or kill -9 leaves), stale segments of older laps, a record above the log's "
     "end (replay clamps it).")
-
-
-# ----------------------------------------------------------- progress
-class Progress:
-    """A bar on stderr while it is a terminal; else only a final line."""
-
-    WIDTH = 30
-
-    def __init__(self, what, total, unit="blocks"):
-        self.what, self.total, self.unit = what, total, unit
-        self.done = 0
-        self.tty = sys.stderr.isatty()
-        self.shown = 0.0
-
-    def update(self, done, total=None):
-        self.done = done
-        if total is not None:
-            self.total = total
-        now = time.monotonic()
-        if self.tty and (now - self.shown > 0.1 or done >= self.total):
-            self.shown = now
-            sys.stderr.write(f"\r{self._line()}")
-            sys.stderr.flush()
-
-    def _line(self):
-        total = max(self.total, self.done)
-        fill = self.WIDTH * self.done // total if total else self.WIDTH
-        return (f"{self.what}: [{'#' * fill}{'.' * (self.WIDTH - fill)}] "
-                f"{self.done}/{total} {self.unit}")
-
-    def finish(self, ok=True):
-        """End the bar: a newline on a terminal, the final state elsewhere
-        (nothing after a failure, whose one line says it all)."""
-        if self.tty:
-            sys.stderr.write(f"\r{self._line()}\n" if ok else "\n")
-        elif ok:
-            sys.stderr.write(f"{self._line()}\n")
-        sys.stderr.flush()
-
-
-# ------------------------------------------------------- live: status
-FIELDS = ("cursor", "nr_caches", "nr_segments", "current_id", "last_flushed_id",
-          "last_writeback_id", "nr_dirty_caches")
-TUNABLES = ("writeback_threshold", "nr_cur_batched_writeback", "sync_data_interval",
-            "update_sb_record_interval", "read_cache_threshold")
-
-
-def stat_name(i: int) -> str:
-    """The counter at index ``write<<3 | hit<<2 | on_buffer<<1 | fullsize``."""
-    return (f"{'write' if i & 8 else 'read'} {'hit' if i & 4 else 'miss'}"
-            f"{' in RAM buffer' if i & 2 else ''}, {'full' if i & 1 else 'partial'} block")
-
-
-STAT_NAMES = tuple(stat_name(i) for i in range(16))
-
-
-def parse_status(words):
-    """The writeboost status words as a dict (KeyError-free: a line that is
-    not one is a CommandFailed)."""
-    if len(words) < 35 or words[24] != "10" or not all(w.isdigit() for w in words[:24]):
-        fail(f"unexpected writeboost status line: {' '.join(words)!r}")
-    ints = [int(w) for w in words[:24]]
-    st = dict(zip(FIELDS, ints))
-    st["stats"] = dict(zip(STAT_NAMES, ints[7:23]))
-    st["count_non_full_flushed"] = ints[23]
-    pairs = words[25:35]
-    for key, value in zip(pairs[::2], pairs[1::2]):
-        st[key] = int(value)
-    tail = words[35:] or ["unknown"]
-    st["state"] = tail[0]
-    st["error"] = None
-    if tail[0] == "failed" and len(tail) >= 5:
-        err = int(tail[1])
-        st["error"] = {"errno": err, "errno_name": errno.errorcode.get(err, str(err)),
-                       "store": tail[2], "op": tail[3], "sector": int(tail[4])}
-    return st
-
-
-def explain_error(e) -> str:
-    return (f"{e['op']} of the {e['store']} at sector {e['sector']} failed "
-            f"({e['errno_name']}: {strerror(e['errno'])})")
-
-
-def explain_state(st) -> str:
-    if st["state"] == "active":
-        return "active (serving; writes are cached)"
-    if st["state"] == "new":
-        return "new (not resumed yet: the cache is not read)"
-    if st["error"]:
-        return (f"FAILED: {explain_error(st['error'])}; no write is accepted: remove "
-                f"the device, fix the store and create it again (its log replays)")
-    return st["state"]
-
-
-def _seconds(n):
-    return f"{n} s" if n else "0 (off)"
-
-
-def format_status(dev, start, st) -> str:
-    rows = [("device", f"{dev} (writeboost target at sector {start})"),
-            ("state", explain_state(st)),
-            ("cache blocks (cursor/total)", f"{st['cursor']}/{st['nr_caches']}"),
-            ("segment slots (512 KiB each)", st["nr_segments"]),
-            ("current segment id", st["current_id"]),
-            ("last flushed segment id", st["last_flushed_id"]),
-            ("last written-back segment id", st["last_writeback_id"]),
-            ("dirty cache blocks", st["nr_dirty_caches"])]
-    rows += list(st["stats"].items())
-    rows += [("non-full flushes (barrier seals)", st["count_non_full_flushed"]),
-             ("writeback_threshold",
-              f"{st['writeback_threshold']} %" if st["writeback_threshold"]
-              else "0 (background writeback off)"),
-             ("nr_cur_batched_writeback", f"{st['nr_cur_batched_writeback']} segments "
-                                          f"(last writeback batch)"),
-             ("sync_data_interval", _seconds(st["sync_data_interval"])),
-             ("update_sb_record_interval", _seconds(st["update_sb_record_interval"])),
-             ("read_cache_threshold", st["read_cache_threshold"] or "0 (read cache off)")]
-    width = max(len(k) for k, _v in rows) + 2
-    return "".join(f"{k + ':':<{width}}{v}\n" for k, v in rows)
-
-
-def _wb_target(c, dev):
-    """(start sector, parsed status) of the first writeboost target of ``dev``."""
-    from pydm.ctlsock import ControlError
-    try:
-        lines = c.call("status", name=dev, target="writeboost")
-    except ControlError as e:
-        fail(f"{dev}: {_why(dev, e)}")
-    if not lines:
-        fail(f"{dev}: not a writeboost device (no writeboost target in its table)")
-    return lines[0]["start"], parse_status(lines[0]["params"].split())
-
-
-def cmd_status(args):
-    with client(args) as c:
-        start, st = _wb_target(c, args.device)
-    if args.json:
-        print_json({"device": args.device, "start": start, **st})
-    else:
-        print(format_status(args.device, start, st), end="")
-
-
-def cmd_drop_caches(args):
-    dev = args.device
-    outcome = {}
-
-    def send(start):
-        try:
-            with client(args) as c2:
-                c2.call("message", name=dev, sector=start, text="drop_caches")
-        except PydmError as e:
-            outcome["error"] = e
-
-    with client(args) as c:
-        start, st = _wb_target(c, dev)
-        first = st["nr_dirty_caches"]
-        bar = Progress(f"{dev}: writing back", first)
-        sender = threading.Thread(target=send, args=(start,), daemon=True,
-                                  name="pydm-wb-drop-caches")
-        sender.start()
-        most = first
-        while sender.is_alive():
-            sender.join(0.2)
-            st = _wb_target(c, dev)[1]
-            most = max(most, st["nr_dirty_caches"])
-            bar.update(most - st["nr_dirty_caches"], most)
-        st = _wb_target(c, dev)[1]
-    if "error" in outcome:
-        bar.finish(ok=False)
-        why = _why(dev, outcome["error"])
-        if st["error"]:
-            why += f" ({explain_error(st['error'])})"
-        fail(f"{dev}: {why}")
-    bar.update(most - st["nr_dirty_caches"], most)
-    bar.finish()
-    if args.json:
-        print_json({"device": dev, "start": start, "written_back": most, **st})
-    else:
-        print(f"{dev}: drop_caches done: {most} dirty blocks written back, "
-              f"{st['nr_dirty_caches']} dirty now; segments up to "
-              f"{st['last_writeback_id']} written back")
 
 
 # ---------------------------------------------------------- offline

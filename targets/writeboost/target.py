@@ -3,8 +3,9 @@ layout (``writeboost <backing> <cache> [<#opt_args> <key> <value>...]``).
 
 Rules of this module: it is the only part of the package that knows
 ``pydm.target`` and the table, and it only wires the others together:
-``layout`` (the format), ``cache`` (the RAM index), ``engine`` (the I/O
-paths and the sticky FAILED state), ``reads``, ``flusher``, ``writeback``,
+``layout`` (the format), ``cache`` (the RAM index), ``engine`` (shared
+state, admission and the sticky FAILED state), ``logwriter`` (the write
+path), ``reads``, ``flusher``, ``writeback``,
 ``ticker``, ``replay`` and ``startup``.
 
 * Construction checks (argument ranges, sizes, the cache's first sector, the
@@ -140,9 +141,9 @@ class WriteboostTarget(Target):
                 bio.sector -= self.begin
             return REMAPPED
         if op == FLUSH:
-            status = eng.flush(bio)
+            status = eng.writer.flush(bio)
         else:
-            status = eng.write(bio, bio.sector - self.begin)
+            status = eng.writer.write(bio, bio.sector - self.begin)
         if status is not None:
             bio.complete(status)
         return SUBMITTED
