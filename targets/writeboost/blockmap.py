@@ -40,16 +40,8 @@ class BlockMap:
 
     def get(self, key: int) -> int:
         """The value for ``key``, or -1."""
-        keys = self.keys
-        mask = self.mask
-        i = ((key * _MULT) & _MASK64) >> self.shift
-        while True:
-            k = keys[i]
-            if k == key:
-                return self.vals[i]
-            if k == EMPTY:
-                return -1
-            i = (i + 1) & mask
+        pos = self.find(key)
+        return self.vals[pos] if pos >= 0 else -1
 
     def find(self, key: int) -> int:
         """The table position of ``key`` (its value is ``vals[pos]``), or -1."""
