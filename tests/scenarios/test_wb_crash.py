@@ -1,6 +1,8 @@
 """writeboost after crashes: kill -9 of a ``pydm serve`` daemon in the middle
-of random 4 KiB writes and flushes over NBD, many times over the same files
-(the log wraps), and a power-cut matrix (every write to the cache, or to the
+of random 4 KiB writes and flushes over NBD (a recording client on the lower
+half of the device, which knows what it was promised, and fio randwrite
+with an fsync every 4 writes on the upper half), many times over the same
+files (the log wraps), and a power-cut matrix (every write to the cache, or to the
 backing, after the Nth is lost, for N across a whole fixed workload).  Each
 time the cache's log must be clean but for a torn tail, and a new target
 over the files must read back every write an acknowledged flush (or FUA)
@@ -9,12 +11,15 @@ covered; newer data is allowed."""
 import os
 import random
 import signal
+import subprocess
 import threading
 
 from helpers import Daemon, do_io
+from nbd_support import need
 from nbdclient import Client, NBDError
 from pydm.bio import FLUSH, READ, REQ_FUA, REQ_PREFLUSH, WRITE
 from pydm.control import Control
+from pydm.ctlsock import ControlClient
 from wb_support import (BLOCK, SECTOR, Acked, CutPool, log_after_crash, make_images, poll,
                         wb_check, wb_table)
 
@@ -37,6 +42,7 @@ def read_device(table, sectors):
 # ------------------------------------------------------------- kill -9
 KILL_BACKING = 4 << 20            # 1024 blocks
 KILL_SEGMENTS = 6                 # 762 cache blocks: a run or two wraps the log
+KILL_HALF = KILL_BACKING // 2     # the recording client below, fio above
 
 
 class Writer(threading.Thread):
@@ -56,7 +62,7 @@ class Writer(threading.Thread):
             with Client(self.addr, "wb") as c:
                 while True:
                     for _ in range(rnd.randint(1, 6)):
-                        block = rnd.randrange(KILL_BACKING // BLOCK)
+                        block = rnd.randrange(KILL_HALF // BLOCK)
                         data = rnd.randbytes(BLOCK)
                         handle = model.write(block * BLOCK, data)
                         c.pwrite(block * BLOCK, data)
@@ -71,6 +77,15 @@ class Writer(threading.Thread):
             self.error = e
 
 
+def fio_writes(log):
+    """The 4 KiB writes fio says it issued before the daemon died."""
+    for line in log.splitlines():
+        line = line.strip()
+        if line.startswith("issued rwts:"):
+            return int(line.split("total=")[1].split(",")[1])
+    return 0
+
+
 def test_kill_9_during_flushed_random_writes_keeps_every_flushed_write(tmp_path):
     back, cache, baseline = make_images(tmp_path, KILL_BACKING, KILL_SEGMENTS)
     table = wb_table(back, cache, KILL_BACKING)
@@ -78,15 +93,27 @@ def test_kill_9_during_flushed_random_writes_keeps_every_flushed_write(tmp_path)
     config.write_text(f'[[device]]\nname = "wb"\ntable = "{table}"\n')
     nbd = str(tmp_path / "nbd.sock")
     rnd = random.Random(2024)
-    totals = {"kills": 0, "writes": 0, "flushes": 0, "durable_blocks": 0, "torn_tails": 0,
-              "wrapped_runs": 0}
+    totals = {"kills": 0, "writes": 0, "fio_writes": 0, "flushes": 0, "durable_blocks": 0,
+              "torn_tails": 0, "wrapped_runs": 0}
+    need("fio")
+    fio_log = tmp_path / "fio.log"
     for run in range(KILLS):
         if os.path.exists(nbd):
             os.unlink(nbd)
         model = Acked(baseline)
         d = Daemon(tmp_path, config, extra=["--unix", nbd])
+        with open(fio_log, "w") as log:
+            fio = subprocess.Popen(
+                ["fio", "--name=kill", "--ioengine=nbd", f"--uri=nbd+unix:///wb?socket={nbd}",
+                 "--rw=randwrite", "--bs=4k", "--iodepth=8", "--fsync=4",
+                 f"--offset={KILL_HALF}", f"--size={KILL_HALF}", "--time_based",
+                 "--runtime=60", f"--randseed={run + 1}"],
+                stdout=log, stderr=subprocess.STDOUT)
         writer = Writer(nbd, model, seed=run)
         try:
+            with ControlClient(str(d.sock)) as ctl:      # fio is connected
+                poll(lambda: ctl.call("info", name="wb")[0]["open_count"] >= 1, timeout=60,
+                     what="fio to connect")
             writer.start()
             goal = rnd.randint(0, 150)      # acknowledged writes before the kill
             poll(lambda: writer.writes >= goal or not writer.is_alive(), timeout=60,
@@ -96,8 +123,13 @@ def test_kill_9_during_flushed_random_writes_keeps_every_flushed_write(tmp_path)
             d.proc.wait()
             out = d.output()
             d.log.close()
+            try:
+                fio.wait(30)                # it stops at the lost connection
+            finally:
+                fio.kill()
         writer.join(30)
         assert not writer.is_alive() and writer.error is None, writer.error
+        totals["fio_writes"] += fio_writes(fio_log.read_text())
         assert "Traceback" not in out and "lockdep" not in out, out
         totals["kills"] += 1
         totals["writes"] += writer.writes
@@ -107,12 +139,13 @@ def test_kill_9_during_flushed_random_writes_keeps_every_flushed_write(tmp_path)
         totals["torn_tails"] += torn
         totals["wrapped_runs"] += end > KILL_SEGMENTS
         image = read_device(table, KILL_BACKING // SECTOR)
-        totals["durable_blocks"] += model.check(image)
+        totals["durable_blocks"] += model.check(image, KILL_HALF)
         baseline = image                    # the next run starts from what was there
     print("kill -9:", totals)
     assert totals["kills"] == KILLS
     if KILLS >= 20:                         # the runs did what they are for
         assert totals["flushes"] > KILLS * 5 and totals["wrapped_runs"] > KILLS // 2
+        assert totals["fio_writes"] > KILLS * 10
 
 
 # ------------------------------------------------------- power-cut matrix

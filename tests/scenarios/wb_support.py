@@ -172,12 +172,13 @@ class Acked:
             assert got in later, (f"unit {n} ({u} bytes at {n * u}) reads neither its newest "
                                   f"acknowledged data nor that of a failed write after it")
 
-    def check(self, image):
+    def check(self, image, end=None):
         """``image`` (the whole device read back after a crash) keeps every
-        promise; returns how many units held promised (durable) data."""
+        promise (in its first ``end`` bytes: the units this model saw
+        written); returns how many units held promised (durable) data."""
         assert len(image) == len(self.image)
         u = self.unit
-        for n in range(len(image) // u):
+        for n in range((len(image) if end is None else end) // u):
             got = image[n * u:(n + 1) * u]
             versions = self.sent.get(n, [])
             d = self.durable.get(n)
