@@ -152,7 +152,7 @@ def test_kill_9_during_flushed_random_writes_keeps_every_flushed_write(tmp_path)
 CUT_BACKING = 2 << 20             # 512 blocks, writes to the first 192
 CUT_SEGMENTS = 3                  # the log wraps every three flushes
 OPS = 240
-POINTS = 50                       # cut points per store at most
+POINTS = int(os.environ.get("PYDM_WB_CUT_POINTS", "0"))   # cut points per store (0: every one)
 
 
 def workload(dev, model, power, seed=11):
@@ -202,7 +202,7 @@ def cut_run(tmp, victim, budget):
 
 
 def cut_points(total):
-    if total <= POINTS:
+    if not POINTS or total <= POINTS:
         return list(range(1, total + 1))
     return sorted({1 + round(i * (total - 1) / (POINTS - 1)) for i in range(POINTS)})
 
