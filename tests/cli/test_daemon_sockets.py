@@ -168,6 +168,18 @@ def as_nobody(args, tmpdir, timeout=30, **kw):
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+def finish(p, timeout=30):
+    """(stdout, stderr) of ``p`` once it exits; killed if it has not within
+    ``timeout`` (a daemon that should have refused to start is not left
+    running as nobody)."""
+    try:
+        return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+        raise AssertionError(f"still running after {timeout} s: {out} {err}") from None
+
+
 def nobody_config(tmpdir):
     cfg = os.path.join(tmpdir, "cfg.toml")
     with open(cfg, "w") as f:
@@ -187,11 +199,11 @@ def test_fallback_runtime_dir_is_created_private(public_tmp):
         st = os.lstat(rt)
         assert st.st_uid == NOBODY and stat.S_IMODE(st.st_mode) == 0o700
         ls = as_nobody(["dm", "ls"], public_tmp)
-        out, err = ls.communicate(timeout=30)
+        out, err = finish(ls)
         assert ls.returncode == 0 and out.startswith("z\t"), err
     finally:
         p.terminate()
-        p.communicate(timeout=30)
+        finish(p)
     assert p.returncode == 0
 
 
@@ -207,7 +219,7 @@ def test_a_squatted_runtime_dir_is_refused(public_tmp, owner, mode, words):
     os.chmod(rt, mode)
     for args in (["serve", nobody_config(public_tmp), "--no-nbd"], ["dm", "ls"]):
         p = as_nobody(args, public_tmp)
-        out, err = p.communicate(timeout=30)
+        out, err = finish(p)
         assert p.returncode == 1, (args, out, err)
         assert err.count("\n") == 1 and words in err and "unsafe runtime directory" in err
     assert os.listdir(rt) == []

@@ -30,9 +30,9 @@ def test_a_trickling_handshake_is_cut_at_the_limit(quick):
     s = socket.create_connection(quick.addr, 10)
     start = time.monotonic()
     recv_exact(s, 18)                                    # the greeting
-    # A valid handshake, one byte every 0.1 s: each receive is quick, the
-    # whole never ends in time.
-    msg = (b"\0\0\0\3" + P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_LIST, 0)) * 10
+    # A valid handshake (the client flags, then options), one byte every
+    # 0.1 s: each receive is quick, the whole never ends in time.
+    msg = b"\0\0\0\3" + P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_LIST, 0) * 10
     closed = None
     for b in msg:
         try:
