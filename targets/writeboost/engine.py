@@ -28,7 +28,7 @@ from pydm.targets.writeboost import layout as L
 from pydm.targets.writeboost.logwriter import Failed, LogWriter
 from pydm.targets.writeboost.reads import ReadPlan
 from pydm.targets.writeboost.state import Lifecycle
-from pydm.targets.writeboost.storeio import IOFailed
+from pydm.devio import IOFailed
 
 log = logging.getLogger("pydm.writeboost")
 

@@ -23,7 +23,7 @@ Rules of this module:
 import errno
 
 from pydm.worker import Worker
-from pydm.targets.writeboost.storeio import IOFailed
+from pydm.devio import IOFailed
 
 
 class Flusher:

@@ -28,7 +28,7 @@ from pydm.bio import REQ_FUA
 from pydm.targets.writeboost import layout as L
 from pydm.targets.writeboost.cache import NR_BUFFERS
 from pydm.targets.writeboost.state import ACTIVE
-from pydm.targets.writeboost.storeio import IOFailed
+from pydm.devio import IOFailed
 
 log = logging.getLogger("pydm.writeboost")
 

@@ -33,7 +33,7 @@ from pydm.targets.writeboost.engine import Engine
 from pydm.targets.writeboost.flusher import Flusher
 from pydm.targets.writeboost.readcache import ReadCache
 from pydm.targets.writeboost.startup import bring_up, inspect
-from pydm.targets.writeboost.storeio import DeviceIO, IOFailed
+from pydm.devio import DeviceIO, IOFailed
 from pydm.targets.writeboost.ticker import Ticker
 from pydm.targets.writeboost.writeback import Modulator, Writeback
 

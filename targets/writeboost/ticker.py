@@ -14,7 +14,7 @@ import time
 
 from pydm.lockdep import make_event
 from pydm.targets.writeboost import layout as L
-from pydm.targets.writeboost.storeio import IOFailed
+from pydm.devio import IOFailed
 
 log = logging.getLogger("pydm.writeboost")
 

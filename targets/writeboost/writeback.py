@@ -24,7 +24,7 @@ import time
 
 from pydm.worker import Worker
 from pydm.targets.writeboost import layout as L
-from pydm.targets.writeboost.storeio import IOFailed
+from pydm.devio import IOFailed
 
 SECTOR = L.SECTOR
 TRIES = 3

@@ -1,18 +1,19 @@
-"""Writeboost's I/O to its two devices, as bios, with its busy-time meter.
+"""Synchronous and batched I/O from a target to a device below it, as bios,
+with a busy-time meter (writeboost's cache and backing, log-writes' log).
 
 Rules of this module:
 
-* All I/O to the cache and the backing device goes through ``DeviceIO``:
-  bios submitted to a store or a lower pydm device, never a file
-  descriptor, so either device may be a file, a flakey or delay device, or
-  anything else pydm maps.
+* All I/O goes through ``DeviceIO``: bios submitted to a store or a lower
+  pydm device, never a file descriptor, so the device may be a file, a
+  flakey or delay device, or anything else pydm maps.
 * ``read``/``write``/``flush`` wait for their bio (an Event: a file store
   completes inline, a lower device on its own thread) and raise ``IOFailed``
-  with the errno, device role, operation and sector; ``submit`` is the
-  asynchronous form for the read path.  Completions of internal bios never
-  take the target's lock, so waiting with it held cannot deadlock.
+  with the errno, the device's role, the operation and the sector;
+  ``submit`` is the asynchronous form.  Completions of these bios take no
+  lock of the caller's, so waiting with one held cannot deadlock.
 * ``busy`` measures the time the device had I/O in flight (the kernel's
-  io_ticks), which the writeback modulator reads as utilisation.
+  io_ticks), which writeboost's writeback modulator reads as utilisation.
+* Locks (leaves, from ``pydm.lockdep``): "devio.busy" and "devio.writes".
 """
 
 import errno
@@ -38,7 +39,7 @@ class _Busy:
     """Time with at least one bio in flight, as io_ticks counts it."""
 
     def __init__(self):
-        self.lock = make_lock("wb.busy")
+        self.lock = make_lock("devio.busy")
         self.inflight = 0
         self.since = 0.0
         self.total = 0.0
@@ -115,7 +116,7 @@ class DeviceIO:
         """Write ``[(byte offset, data)]`` with up to ``window`` bios in
         flight at once (a slow device serves them side by side); waits for
         all, then raises ``IOFailed`` for the first that failed."""
-        cond = make_condition(name="wb.writes")
+        cond = make_condition(name="devio.writes")
         state = {"inflight": 0, "error": None}
 
         def done(bio):
