@@ -101,6 +101,11 @@ CASES = [
               lambda d: f"{image(d)} {blank(d, 'c2.img', 3 << 20)} 2 writeback_threshold 101",
               lambda d: f"{image(d)} {blank(d, 'c3.img', 3 << 20)} 2 bogus 1",
               lambda d: f"{image(d)} {blank(d, 'c4.img', 3 << 20)} 3 writeback_threshold")),
+    Case("log-writes", lambda d: f"{image(d)} {blank(d, 'log.img', 16 << 20)}",
+         messages=("mark one", "MARK two"),
+         bad=(lambda d: image(d), lambda d: f"{image(d)} {image(d)}",
+              lambda d: f"{image(d)} {blank(d, 'l2.img', 16 << 20)} extra",
+              lambda d: f"{image(d)} {blank(d, 'tinylog.img', 4096)}")),
     Case("passthru", lambda d: image(d), register=PassThru,
          bad=(lambda d: "", lambda d: blank(d, "small.img", 4096))),
 ]

@@ -2,7 +2,7 @@
 socket while I/O runs (acceptance: no deadlock, every bio completed exactly once,
 no double remove, no lock-order report).  The tables include writeboost caches
 (loads over a cache another table of the same device still holds, drop_caches
-racing suspends and removes).
+racing suspends and removes) and log-writes logs (marks racing the same).
 
 PYDM_STRESS_SECONDS sets the length (default 30).
 """
@@ -149,7 +149,9 @@ def test_control_plane_stress(tmp_path):
         a = make_image(tmp_path / f"a-{name}.img", 8 << 20)
         b = make_image(tmp_path / f"b-{name}.img", 8 << 20)
         cache = make_image(tmp_path / f"c-{name}.img", 3 << 20)
+        lwlog = make_image(tmp_path / f"l-{name}.img", 16 << 20)
         tables[name] = [
+            f"0 8192 log-writes {b} {lwlog}\n",
             f"0 8192 writeboost {a} {cache}\n",
             f"0 8192 writeboost {b} {cache} 2 writeback_threshold 100\n",
             f"0 8192 linear {a} 0\n",

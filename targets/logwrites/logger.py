@@ -1,0 +1,125 @@
+"""The log writer: records appended to the log device, in queue order, and
+the super block's entry count kept trustworthy.
+
+Rules of this module:
+
+* One ``pydm.worker.Worker`` thread (lock class "lw.log") writes every
+  record in the order it was queued, each at the next free log sector; a
+  round's records go out together (up to 64 writes in flight).
+* The super block's ``nr_entries`` is rewritten after each round that
+  logged a FLUSH, FUA or MARK entry (and when logging stops, and at the
+  end), and only after a FLUSH of the log device made every entry it counts
+  durable.  So after a crash of the daemon, or a power cut, the log is
+  trustworthy up to its last flush, FUA or mark (pydm; the kernel writes the
+  super after FUA and MARK entries only, and without a flush).
+* Logging stops for good (``disabled`` says why) when the next entry would
+  reach the end of the log device (the kernel's rule: an entry ending
+  exactly at the end is refused too) or a write to the log fails.  Records
+  queued after that are dropped; the client's I/O is not affected.
+* Counters (``logged``, ``next_pos``, ``disabled``) are written by the
+  worker thread only; other threads read them as they are.
+"""
+
+import logging
+
+from pydm.devio import IOFailed
+from pydm.targets.logwrites import format as F
+from pydm.worker import Worker
+
+log = logging.getLogger("pydm.logwrites")
+
+SUPER_FLAGS = F.FLUSH | F.FUA | F.MARK
+
+
+class LogWriter:
+    def __init__(self, name, log_io, sectorsize):
+        self.name = name
+        self.log = log_io                    # pydm.devio.DeviceIO
+        self.ss = sectorsize
+        self.log_sectors = log_io.size // sectorsize
+        self.next_pos = 1                    # in log sectors; the super is sector 0
+        self.logged = 0
+        self.in_super = None                 # nr_entries last written to the super
+        self.dropped = 0
+        self.disabled = None                 # why logging stopped, or None
+        self.log_failed = False              # a write to the log failed
+        self.worker = Worker(f"pydm-lw {name}", self._process, lock_class="lw.log")
+
+    # ------------------------------------------------------------ control
+    def start(self) -> None:
+        """A new, empty log: the super says 0 entries (an older log's super
+        must not vouch for what follows), then the worker starts."""
+        self._write_super()
+        self.worker.start()
+
+    def add(self, rec) -> None:
+        self.worker.add(rec)
+
+    def drain(self) -> None:
+        """Until everything queued so far is written (and its super)."""
+        self.worker.call(self._settle)
+
+    def stop(self) -> None:
+        """Write what is queued, settle the super, end the thread."""
+        self.worker.stop()
+        self._settle()
+
+    @property
+    def highest_sector(self) -> int:
+        """The last allocated 512-byte sector (status' second field)."""
+        return self.next_pos * self.ss // 512 - 1
+
+    # ------------------------------------------------------ worker thread
+    def _process(self, batch):
+        if self.disabled is not None:
+            self.dropped += len(batch)
+            return None
+        writes = []
+        pos, count, flagged = self.next_pos, self.logged, False
+        for i, rec in enumerate(batch):
+            n = rec.nbytes // self.ss
+            if pos + n >= self.log_sectors:
+                self.dropped += len(batch) - i
+                self._disable(f"the log is full ({self.log_sectors} sectors of "
+                              f"{self.ss} bytes)")
+                break
+            writes.append((pos * self.ss, rec.image))
+            pos += n
+            count += 1
+            flagged = flagged or bool(rec.flags & SUPER_FLAGS)
+        try:
+            self.log.write_many(writes)
+        except IOFailed as e:
+            self._fail(e)
+            return None
+        self.next_pos, self.logged = pos, count
+        if flagged or self.disabled is not None:
+            self._settle()
+        return None
+
+    def _settle(self) -> None:
+        """Make the entries logged so far durable, then count them in the
+        super block (nothing when it already does, or the log failed)."""
+        if self.in_super == self.logged or self.log_failed:
+            return
+        try:
+            self.log.flush()
+            self._write_super()
+        except IOFailed as e:
+            self._fail(e)
+
+    def _write_super(self) -> None:
+        count = self.logged
+        self.log.write(0, F.pack_super(count, self.ss))
+        self.in_super = count
+
+    def _fail(self, e: IOFailed) -> None:
+        """The log device failed: nothing more is written to it at all."""
+        self.log_failed = True
+        self._disable(f"log {e}")
+
+    def _disable(self, why: str) -> None:
+        if self.disabled is None:
+            self.disabled = why
+            log.warning("log-writes %s: logging disabled: %s; I/O goes on unlogged; the "
+                        "log replays up to its super block's count", self.name, why)

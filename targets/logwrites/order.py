@@ -1,0 +1,87 @@
+"""What goes into the log, and in which order: dm-log-writes' rules.
+
+Rules of this module:
+
+* Pure: records in, lists of records to append to the log out, in the order
+  they must be appended.  No I/O, no threads, no lock: the target calls it
+  with its own lock held, and appends what it returns to the log queue under
+  that same lock, so the queue's order is exactly this module's order.
+* A plain write (or discard) is logged only once a flush covers it: when it
+  completes it joins ``unflushed`` (in completion order).  A flush covers
+  exactly the writes that had completed when it was *issued*: it takes the
+  ``unflushed`` list then, and when it completes that list is logged, then
+  the flush's own entry.  Writes completing meanwhile wait for the next
+  flush.  (The kernel's rst and code; the header comment of
+  dm-log-writes.c says otherwise and is wrong.)
+* A FUA write and a mark go straight to the log when they complete (ahead
+  of older unflushed writes: they are durable now, those are not).
+* A flush that failed on the data device covers nothing: its writes go back
+  to the front of ``unflushed`` (pydm; the kernel logs it anyway).
+* Teardown logs what is still unflushed, then the end mark.
+"""
+
+from pydm.targets.logwrites import format as F
+
+
+class Record:
+    """One entry waiting for the log: its whole image (the header sector,
+    then the payload), its flags, and the payload bytes it pins."""
+
+    __slots__ = ("image", "flags")
+
+    def __init__(self, image, flags):
+        self.image = image
+        self.flags = flags
+
+    @classmethod
+    def make(cls, sectorsize, sector, nr_sectors, flags, payload=None, text=b""):
+        """A record; ``payload`` (a buffer of ``nr_sectors`` log sectors) is
+        copied in now: the client may reuse its buffer once it has a reply."""
+        header = F.pack_header(sectorsize, sector, nr_sectors, flags, text)
+        if payload is not None and not flags & F.DISCARD:
+            header += payload
+        return cls(header, flags)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.image)
+
+
+class LogOrder:
+    def __init__(self):
+        self.unflushed = []
+        self.unflushed_bytes = 0
+
+    def completed(self, rec: Record) -> list:
+        """A write or discard completed successfully: what to log now."""
+        if rec.flags & F.FUA:
+            return [rec]
+        self.unflushed.append(rec)
+        self.unflushed_bytes += rec.nbytes
+        return []
+
+    def flush_issued(self) -> list:
+        """A flush is being sent to the data device: the writes it covers
+        (its token for ``flush_done``/``flush_failed``)."""
+        token, self.unflushed = self.unflushed, []
+        self.unflushed_bytes = 0
+        return token
+
+    def flush_done(self, token: list, rec: Record) -> list:
+        """The flush succeeded: its writes, then its own entry."""
+        return token + [rec]
+
+    def flush_failed(self, token: list) -> None:
+        """The flush failed: its writes are not durable after all."""
+        self.unflushed[:0] = token
+        self.unflushed_bytes += sum(r.nbytes for r in token)
+
+    @staticmethod
+    def mark(rec: Record) -> list:
+        return [rec]
+
+    def teardown(self, end: Record) -> list:
+        """The target goes away: everything left, then the end mark."""
+        out, self.unflushed = self.unflushed + [end], []
+        self.unflushed_bytes = 0
+        return out
