@@ -188,10 +188,11 @@ def test_sectors_are_target_relative(tmp_path):
 # ------------------------------------------------------------ concurrency
 def test_random_completion_order_never_puts_a_write_after_a_flush_that_covered_it(tmp_path):
     """Writes over a data device whose two halves have different delays (so
-    completions reorder) from four threads, flushes from a fifth: every write
-    seen completed before a flush was issued is logged before that flush's
-    entry, and every write issued after the flush completed is logged after
-    it.  Then the log replays to the device's contents."""
+    completions reorder) from four threads, flushes from a fifth: each flush
+    covers exactly the writes that had completed when it was issued: every
+    write seen completed before it was issued is logged before its entry, and
+    every write issued after it completed is logged after it.  Then the log
+    replays to the device's contents."""
     from pydm.control import Control
     from helpers import Waiter
     from pydm.bio import Bio, FLUSH, REQ_PREFLUSH, WRITE
@@ -205,10 +206,14 @@ def test_random_completion_order_never_puts_a_write_after_a_flush_that_covered_i
     events = []                                # ("done", write id) / ("flush", id, phase)
     seq = iter(range(1, 10 ** 9))
 
+    submitted_after = {}                       # write id -> flushes completed before it
+
     def writer(k):
         rnd = random.Random(k)
         for _ in range(60):
             wid = next(seq)
+            with lock:
+                submitted_after[wid] = sum(1 for e in events if e[0] == "flush")
             sector = rnd.randrange(1024) * 8
             payload = wid.to_bytes(8, "little") * 512
             w = Waiter()
@@ -246,5 +251,7 @@ def test_random_completion_order_never_puts_a_write_after_a_flush_that_covered_i
     flush_events = [e for e in events if e[0] == "flush"]
     for (_f, i, seen), at in zip(flush_events, flushes):
         assert all(where[w] < at for w in seen), f"flush {i} logged before a write it covered"
+    for wid, n in submitted_after.items():     # issued after flush n-1 completed
+        assert n == 0 or where[wid] > flushes[n - 1], f"write {wid} logged before flush {n - 1}"
     image = apply(es, ss, bytearray(r.initial))
     assert bytes(image) == open(r.data, "rb").read()
