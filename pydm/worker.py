@@ -143,6 +143,13 @@ class Worker:
             if len(self._items) >= self._wake_at:
                 self.cond.notify()
 
+    def add_many(self, items) -> None:
+        """Queue several items at once, in order (one wake-up for all)."""
+        with self.cond:
+            self._items.extend(items)
+            if len(self._items) >= self._wake_at:
+                self.cond.notify()
+
     def call(self, fn, *args):
         """Run ``fn(*args)`` on the worker; its result, or its error raised."""
         t = self._thread

@@ -5,7 +5,8 @@ Rules of this module:
 
 * One ``pydm.worker.Worker`` thread (lock class "lw.log") writes every
   record in the order it was queued, each at the next free log sector; a
-  round's records go out together (up to 64 writes in flight).
+  round's records are joined into writes of up to ``CHUNK`` bytes (the log
+  is sequential), up to 64 of them in flight.
 * The super block's ``nr_entries`` is rewritten after each round that
   logged a FLUSH, FUA or MARK entry (and when logging stops, and at the
   end), and only after a FLUSH of the log device made every entry it counts
@@ -29,6 +30,7 @@ from pydm.worker import Worker
 log = logging.getLogger("pydm.logwrites")
 
 SUPER_FLAGS = F.FLUSH | F.FUA | F.MARK
+CHUNK = 4 << 20                          # entries are joined into writes of this size
 
 
 class LogWriter:
@@ -52,8 +54,9 @@ class LogWriter:
         self._write_super()
         self.worker.start()
 
-    def add(self, rec) -> None:
-        self.worker.add(rec)
+    def add(self, records) -> None:
+        """Queue records for the log, in order."""
+        self.worker.add_many(records)
 
     def drain(self) -> None:
         """Until everything queued so far is written (and its super)."""
@@ -74,8 +77,9 @@ class LogWriter:
         if self.disabled is not None:
             self.dropped += len(batch)
             return None
-        writes = []
-        pos, count, flagged = self.next_pos, self.logged, False
+        writes, run, run_bytes = [], [], 0
+        start = pos = self.next_pos
+        count, flagged = self.logged, False
         for i, rec in enumerate(batch):
             n = rec.nbytes // self.ss
             if pos + n >= self.log_sectors:
@@ -83,10 +87,16 @@ class LogWriter:
                 self._disable(f"the log is full ({self.log_sectors} sectors of "
                               f"{self.ss} bytes)")
                 break
-            writes.append((pos * self.ss, rec.image))
+            if run_bytes + rec.nbytes > CHUNK and run:
+                writes.append((start * self.ss, b"".join(run)))
+                run, run_bytes, start = [], 0, pos
+            run.append(rec.image)
+            run_bytes += rec.nbytes
             pos += n
             count += 1
             flagged = flagged or bool(rec.flags & SUPER_FLAGS)
+        if run:
+            writes.append((start * self.ss, run[0] if len(run) == 1 else b"".join(run)))
         try:
             self.log.write_many(writes)
         except IOFailed as e:

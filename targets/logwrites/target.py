@@ -31,6 +31,7 @@ Rules of this module:
 """
 
 import errno
+import threading
 
 from pydm.bio import Bio, DISCARD, FLUSH, READ, REQ_FUA, REQ_PREFLUSH, WRITE
 from pydm.devio import DeviceIO
@@ -82,6 +83,7 @@ class LogWritesTarget(Target):
         self.lock = make_lock("lw.order")
         self.order = LogOrder()
         self.failed_writes = 0
+        self.own_flush = False             # a flush of our own is in flight
         self.num_flush_bios = 1
         self.num_discard_bios = 1
         self.num_write_zeroes_bios = 0
@@ -107,8 +109,7 @@ class LogWritesTarget(Target):
             return
         end = Record.make(self.ss, 0, 0, F.MARK, text=F.END_MARK.encode())
         with self.lock:
-            for rec in self.order.teardown(end):
-                logger.add(rec)
+            logger.add(self.order.teardown(end))
         logger.stop()
 
     # ------------------------------------------------------------- I/O
@@ -163,27 +164,32 @@ class LogWritesTarget(Target):
         return DONE, status
 
     def _completed(self, rec):
-        logger = self.logger
         with self.lock:
-            for r in self.order.completed(rec):
-                logger.add(r)
-            over = self.order.unflushed_bytes > MAX_UNFLUSHED
-            token = self.order.flush_issued() if over else None
+            now = self.order.completed(rec)
+            if now:
+                self.logger.add(now)
+            token = None
+            if self.order.unflushed_bytes > MAX_UNFLUSHED and not self.own_flush:
+                token = self.order.flush_issued()
+                self.own_flush = True
         if token:
-            self.data.submit(Bio(FLUSH, 0, 0, None, REQ_PREFLUSH, self._own_flush_done,
-                                 token))
+            # on a thread of its own: the flush may take a while, and the
+            # completion that got us here must not wait for it
+            bio = Bio(FLUSH, 0, 0, None, REQ_PREFLUSH, self._own_flush_done, token)
+            threading.Thread(target=self.data.submit, args=(bio,), daemon=True,
+                             name="pydm-lw-flush").start()
 
     def _own_flush_done(self, bio):
         self._flush_completed(bio.private, bio.status)
+        with self.lock:
+            self.own_flush = False
 
     def _flush_completed(self, token, status):
         with self.lock:
             if status:
                 self.order.flush_failed(token)
                 return
-            rec = Record.make(self.ss, 0, 0, F.FLUSH)
-            for r in self.order.flush_done(token, rec):
-                self.logger.add(r)
+            self.logger.add(self.order.flush_done(token, Record.make(self.ss, 0, 0, F.FLUSH)))
 
     # --------------------------------------------------------- control
     def message(self, argv):
@@ -197,8 +203,7 @@ class LogWritesTarget(Target):
         text = argv[1].encode()[:F.mark_limit(self.ss)]
         rec = Record.make(self.ss, 0, 0, F.MARK, text=text)
         with self.lock:
-            for r in self.order.mark(rec):
-                self.logger.add(r)
+            self.logger.add(self.order.mark(rec))
         return None
 
     def status(self, type_):

@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""log-writes against linear over NBD, and the replay tool's speed.
+
+Method: one `pydm serve` holds ``lin`` (linear over a 256 MiB image of
+random data) and ``lw`` (log-writes over a copy of it, logging to a
+preallocated log of --log-mib); fio's nbd engine runs each job against both,
+alternating within every round, --runs rounds, medians and lw/linear.  The
+log is started afresh (the device is reloaded) before every log-writes run.
+fio's jobs issue no flush, so log-writes holds completed writes in RAM and
+flushes the data device itself every 64 MiB (each such flush is also an
+fdatasync of the log).  Then, in-process: a log of --entries 4 KiB writes
+(a flush every 8) is replayed onto a file with ``pydm lw replay``.
+
+    .venv/bin/python tools/bench_logwrites.py [--runs 3] [--runtime 4]
+
+Goals (the log-writes issue): log-writes costs at most 2x linear's time
+(lw/linear >= 0.5) for randwrite 4k QD16 and write 1m QD4; 10^5 entries
+replay in under 5 s.  A benchmark, not a test: it prints, it asserts nothing.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from nbdbench import fmt, free_port, make_image, run_fio, start_pydm, stop
+
+SIZE = 256 << 20
+JOBS = [("randwrite 4k QD16", "randwrite", "4k", 16, "iops"),
+        ("write 1m QD4", "write", "1m", 4, "bw")]
+
+
+def pydm(sock, *args):
+    return subprocess.run([sys.executable, "-m", "pydm", *args, "--socket", sock],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def preallocated(path, mib):
+    with open(path, "wb") as f:
+        chunk = bytes(1 << 20)
+        for _ in range(mib):
+            f.write(chunk)
+    return path
+
+
+def bench_nbd(work, args):
+    lin, data = os.path.join(work, "lin.img"), os.path.join(work, "data.img")
+    make_image(lin, SIZE)
+    shutil.copyfile(lin, data)
+    log = preallocated(os.path.join(work, "log.img"), args.log_mib)
+    sectors = SIZE >> 9
+    lw_table = f"0 {sectors} log-writes {data} {log}"
+    port = free_port()
+    proc, sock = start_pydm(work, [("lin", f"0 {sectors} linear {lin} 0"), ("lw", lw_table)],
+                            port)
+    samples = {}
+    try:
+        for r in range(args.runs):
+            for j, (name, rw, bs, qd, metric) in enumerate(JOBS):
+                for dev in (("lin", "lw") if (r + j) % 2 == 0 else ("lw", "lin")):
+                    if dev == "lw":             # a fresh log for every run
+                        pydm(sock, "dm", "load", "lw", "--table", lw_table)
+                        pydm(sock, "dm", "resume", "lw")
+                    bw, iops = run_fio(f"nbd://127.0.0.1:{port}/{dev}", rw, bs, qd,
+                                       args.runtime)
+                    samples.setdefault((name, dev), []).append(bw if metric == "bw" else iops)
+                    print(f"round {r + 1} {name:<20} {dev:<4} "
+                          f"{fmt(metric, samples[(name, dev)][-1])}", file=sys.stderr)
+    finally:
+        stop([proc])
+    print(f"medians of {args.runs} runs, {args.runtime} s each, 256 MiB device, "
+          f"{args.log_mib} MiB log")
+    print(f"{'job':<22}{'linear':>14}{'log-writes':>14}{'lw/linear':>11}{'goal':>7}")
+    for name, _rw, _bs, _qd, metric in JOBS:
+        a = statistics.median(samples[(name, "lin")])
+        b = statistics.median(samples[(name, "lw")])
+        print(f"{name:<22}{fmt(metric, a):>14}{fmt(metric, b):>14}{b / a:>10.2f}x{'>=0.5':>7}")
+
+
+WRITE_LOG = r"""
+import os, random, sys
+os.environ["PYDM_LOCKDEP"] = "0"
+from pydm.bio import Bio, FLUSH, REQ_PREFLUSH, WRITE
+from pydm.control import Control
+work, n = sys.argv[1], int(sys.argv[2])
+data, log = os.path.join(work, "rdata.img"), os.path.join(work, "rlog.img")
+with open(data, "wb") as f:
+    f.truncate(256 << 20)
+with open(log, "wb") as f:
+    f.truncate((n + n // 8 + 16) * 4608)
+c = Control()
+d = c.create("lw", f"0 {(256 << 20) >> 9} log-writes {data} {log}")
+rnd = random.Random(1)
+buf = memoryview(os.urandom(4096))
+done = lambda b: None
+for i in range(n):
+    d.submit(Bio(WRITE, rnd.randrange(65536) * 8, 8, buf, 0, done))
+    if i % 8 == 7:
+        d.submit(Bio(FLUSH, 0, 0, None, REQ_PREFLUSH, done))
+c.shutdown()
+"""
+
+
+def bench_replay(work, args):
+    subprocess.run([sys.executable, "-c", WRITE_LOG, work, str(args.entries)], check=True)
+    log = os.path.join(work, "rlog.img")
+    target = os.path.join(work, "replayed.img")
+    with open(target, "wb") as f:
+        f.truncate(256 << 20)
+    entries = subprocess.run([sys.executable, "-m", "pydm", "lw", "replay", "--log", log,
+                              "--num-entries"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    t = time.monotonic()
+    subprocess.run([sys.executable, "-m", "pydm", "lw", "replay", "--log", log, "--replay",
+                    target], check=True)
+    took = time.monotonic() - t
+    print(f"pydm lw replay of {entries} entries: {took:.2f} s (goal < 5 s for 10^5)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runtime", type=int, default=4)
+    ap.add_argument("--log-mib", type=int, default=4096)
+    ap.add_argument("--entries", type=int, default=100000)
+    ap.add_argument("--dir", help="work directory (default: a fresh temporary one)")
+    ap.add_argument("--skip-nbd", action="store_true")
+    args = ap.parse_args()
+    work = args.dir or tempfile.mkdtemp(prefix="pydm-lwbench-")
+    os.makedirs(work, exist_ok=True)
+    try:
+        if not args.skip_nbd:
+            bench_nbd(work, args)
+        bench_replay(work, args)
+    finally:
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
