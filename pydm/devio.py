@@ -11,6 +11,8 @@ Rules of this module:
   with the errno, the device's role, the operation and the sector;
   ``submit`` is the asynchronous form.  Completions of these bios take no
   lock of the caller's, so waiting with one held cannot deadlock.
+* ``DeviceBytes`` gives a device the byte face of a store (what the
+  metadata layers use), through the same bios.
 * ``busy`` measures the time the device had I/O in flight (the kernel's
   io_ticks), which writeboost's writeback modulator reads as utilisation.
 * Locks (leaves, from ``pydm.lockdep``): "devio.busy" and "devio.writes".
@@ -149,3 +151,43 @@ class DeviceIO:
             self.busy.end()
             done(bio.status)
         self.dev.submit(Bio(op, sector, len(view) // SECTOR, view, 0, end))
+
+
+class DeviceBytes:
+    """A device below seen as a byte store (``read_at``, ``write_at``,
+    ``flush``, ``size``: what ``pydm.metadata`` needs), through bios, so a
+    target's metadata may live on another pydm device as well as on a file.
+    Errors are ``OSError`` with the errno, as a file store's are."""
+
+    def __init__(self, dev, role: str):
+        self.dev = dev
+        self.io = DeviceIO(dev, role)
+
+    @property
+    def ref(self) -> str:
+        return self.dev.ref
+
+    @property
+    def size(self) -> int:
+        return self.dev.size
+
+    def refresh_size(self) -> int:
+        """A device's size is its table's: nothing to read again."""
+        return self.dev.size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return self._do(self.io.read, offset, length)
+
+    def write_at(self, offset: int, data) -> None:
+        self._do(self.io.write, offset, data)
+
+    def flush(self) -> None:
+        self._do(self.io.flush)
+
+    @staticmethod
+    def _do(fn, *args):
+        try:
+            return fn(*args)
+        except IOFailed as e:
+            raise OSError(e.errno, str(e)) from None
+

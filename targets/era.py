@@ -51,6 +51,7 @@ import re
 
 from pydm import trace
 from pydm.bio import FLUSH, READ
+from pydm.devio import DeviceBytes
 from pydm.errors import PydmError, TargetError
 from pydm.table import quote_arg
 from pydm.target import REMAPPED, STATUS_TABLE, SUBMITTED, Target, parse_uint
@@ -84,8 +85,8 @@ class EraTarget(Target):
         if self.nr_blocks >= MAX_BLOCKS:
             raise TargetError(f"too many era blocks ({self.nr_blocks}); use a larger block size")
         self.meta = self.ctx.get_device(args[0], role="metadata", exclusive=True)
-        if not hasattr(self.meta, "read_at"):
-            raise TargetError("the metadata store must be an image file")
+        if not hasattr(self.meta, "read_at"):      # a pydm device: its byte face
+            self.meta = DeviceBytes(self.meta, "metadata")
         self.origin = self.ctx.get_device(args[1], role="origin", area=(0, self.len))
         if self.origin.size < self.len << 9:
             raise TargetError(f"origin {args[1]} is too small: {self.origin.size >> 9} "
