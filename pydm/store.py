@@ -15,6 +15,7 @@ safe to run from many threads, and they release the GIL while they block.
 """
 
 import errno
+import logging
 import os
 import stat
 
@@ -32,6 +33,8 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 
 _fallocate = None
+
+log = logging.getLogger("pydm.store")
 
 
 def _libc_fallocate():
@@ -139,6 +142,10 @@ class Store:
                 raise OSError(errno.EOPNOTSUPP, "unknown operation")
         except OSError as e:
             bio.complete(e.errno or errno.EIO)
+            return
+        except Exception:               # a malformed bio: fail it, never leave it hanging
+            log.exception("%s: %r failed", self.name, bio)
+            bio.complete(errno.EIO)
             return
         bio.complete(0)
 

@@ -78,3 +78,14 @@ def test_full_filesystem_gives_enospc_and_leaves_device_usable(small_fs):
         assert c.table("full") == [(0, 8192, "linear", f"{img} 0")]
     finally:
         c.shutdown()
+
+
+def test_a_malformed_bio_fails_instead_of_hanging(caplog):
+    """A read without a buffer is a caller's bug, but its completion must
+    still come (EIO), or the device would wait for it for ever."""
+    from helpers import Waiter
+    from pydm.bio import Bio, READ
+    from pydm.store import MemStore
+    w = Waiter()
+    MemStore(1 << 20).submit(Bio(READ, 0, 8, None, 0, w))
+    assert w.wait(1) == 5 and w.calls == 1
