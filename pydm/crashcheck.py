@@ -77,14 +77,14 @@ def make_stack(kind: str, size: int = 16 * MiB) -> Stack:
                      ("data",))
     if kind == "era":
         return Stack(kind, size, [("meta", 4 * MiB), ("origin", size)],
-                     [("dut", "0 {n} era dm:meta dm:origin 8")], ("era", "data"))
+                     [("dut", "0 {n} era dm:meta dm:origin 128")], ("era", "data"))
     if kind == "writeboost":
         return Stack(kind, size, [("cache", cache), ("backing", size)],
                      [("dut", "0 {n} writeboost dm:backing dm:cache")], ("writeboost", "data"))
     if kind == "era-wb":
         return Stack(kind, size, [("meta", 4 * MiB), ("cache", cache), ("backing", size)],
                      [("wb", "0 {n} writeboost dm:backing dm:cache"),
-                      ("dut", "0 {n} era dm:meta dm:wb 8")], ("writeboost", "era", "data"))
+                      ("dut", "0 {n} era dm:meta dm:wb 128")], ("writeboost", "era", "data"))
     raise ValueError(f"unknown stack {kind!r} (linear, era, writeboost, era-wb)")
 
 
