@@ -15,6 +15,9 @@ Rules of this module:
   dm-log-writes.c says otherwise and is wrong.)
 * A FUA write and a mark go straight to the log when they complete (ahead
   of older unflushed writes: they are durable now, those are not).
+* A flush that completes also covers the writes of flushes issued before it
+  and still in flight (pydm: the kernel's log can otherwise show a later
+  write durable without an earlier one that was).
 * A flush that failed on the data device covers nothing: its writes go back
   to the front of ``unflushed`` (pydm; the kernel logs it anyway).
 * Teardown logs what is still unflushed, then the end mark.
@@ -51,6 +54,8 @@ class LogOrder:
     def __init__(self):
         self.unflushed = []
         self.unflushed_bytes = 0
+        self.pending = []             # [(flush id, the writes it covers)], in issue order
+        self._next_id = 0
 
     def completed(self, rec: Record) -> list:
         """A write or discard completed successfully: what to log now."""
@@ -60,21 +65,37 @@ class LogOrder:
         self.unflushed_bytes += rec.nbytes
         return []
 
-    def flush_issued(self) -> list:
-        """A flush is being sent to the data device: the writes it covers
-        (its token for ``flush_done``/``flush_failed``)."""
-        token, self.unflushed = self.unflushed, []
+    def flush_issued(self) -> int:
+        """A flush is being sent to the data device: it covers the writes
+        completed so far; returns its id for ``flush_done``/``flush_failed``."""
+        fid = self._next_id
+        self._next_id += 1
+        self.pending.append((fid, self.unflushed))
+        self.unflushed = []
         self.unflushed_bytes = 0
-        return token
+        return fid
 
-    def flush_done(self, token: list, rec: Record) -> list:
-        """The flush succeeded: its writes, then its own entry."""
-        return token + [rec]
+    def flush_done(self, fid: int, rec: Record) -> list:
+        """The flush succeeded: the writes it covers, then its own entry.
+        It covers the writes of every flush issued before it that is still
+        in flight too (they had completed before it was issued), so they
+        are logged now, ahead of it, in completion order (the kernel leaves
+        them to their own flush, and its log can then show a later write
+        durable without an earlier one that was)."""
+        out = []
+        while self.pending and self.pending[0][0] <= fid:
+            out += self.pending.pop(0)[1]
+        return out + [rec]
 
-    def flush_failed(self, token: list) -> None:
-        """The flush failed: its writes are not durable after all."""
-        self.unflushed[:0] = token
-        self.unflushed_bytes += sum(r.nbytes for r in token)
+    def flush_failed(self, fid: int) -> None:
+        """The flush failed: its writes are not durable after all (unless a
+        later flush already logged them)."""
+        for i, (f, recs) in enumerate(self.pending):
+            if f == fid:
+                del self.pending[i]
+                self.unflushed[:0] = recs
+                self.unflushed_bytes += sum(r.nbytes for r in recs)
+                return
 
     @staticmethod
     def mark(rec: Record) -> list:
@@ -82,6 +103,7 @@ class LogOrder:
 
     def teardown(self, end: Record) -> list:
         """The target goes away: everything left, then the end mark."""
-        out, self.unflushed = self.unflushed + [end], []
+        out = [r for _f, recs in self.pending for r in recs] + self.unflushed + [end]
+        self.pending, self.unflushed = [], []
         self.unflushed_bytes = 0
         return out

@@ -47,7 +47,7 @@ MAX_UNFLUSHED = 64 << 20          # bytes of completed writes held for a flush
 
 
 class _Flush:
-    """What a flush in flight carries: the writes it covers."""
+    """What a flush in flight carries: its id in ``LogOrder``."""
 
     __slots__ = ("token",)
 
@@ -172,7 +172,7 @@ class LogWritesTarget(Target):
             if self.order.unflushed_bytes > MAX_UNFLUSHED and not self.own_flush:
                 token = self.order.flush_issued()
                 self.own_flush = True
-        if token:
+        if token is not None:
             # on a thread of its own: the flush may take a while, and the
             # completion that got us here must not wait for it
             bio = Bio(FLUSH, 0, 0, None, REQ_PREFLUSH, self._own_flush_done, token)

@@ -5,6 +5,7 @@ them go; the log is read by the independent reader."""
 
 import random
 import threading
+import time
 
 import pytest
 
@@ -73,6 +74,27 @@ def test_a_write_completing_while_the_flush_is_in_flight_waits_for_the_next(gate
     assert gated.flush() == 0
     gated.settle()
     assert kinds(gated.entries())[4:] == ["W16", "FLUSH"]
+
+
+def test_a_flush_also_covers_what_an_earlier_flush_still_in_flight_covers(gated):
+    """W1 completes; flush A is issued and held; W2 completes; flush B is
+    issued and completes first.  B covers W1 too (it had completed before B
+    was issued), so the log says W1 W2 FLUSH, never W2 FLUSH with W1 later:
+    that would be a state with W2 durable and W1 not, which never existed.
+    (The crash harness found it: writeboost's segments seemed lost in the
+    middle of its log.)"""
+    assert gated.write(8, data(8, 1)) == 0
+    ga = held(gated, "flush", gated.flush)
+    assert gated.write(16, data(8, 2)) == 0
+    assert gated.flush() == 0
+    # (no settle here: a suspend would wait for flush A)
+    deadline = time.monotonic() + 10
+    while len(gated.entries()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert kinds(gated.entries()) == ["W8", "W16", "FLUSH"]
+    let_go(*ga)
+    gated.settle()
+    assert kinds(gated.entries()) == ["W8", "W16", "FLUSH", "FLUSH"]
 
 
 def test_a_fua_write_goes_ahead_of_older_unflushed_writes(tmp_path):
