@@ -30,24 +30,13 @@ import subprocess
 import sys
 import tempfile
 
-from nbdbench import fmt, free_port, make_image, run_fio, start_pydm, stop
+from nbdbench import fmt, free_port, make_image, preallocated, pydm, run_fio, start_pydm, stop
 
 SIZE = 256 << 20
 JOBS = [("randwrite 4k QD16", "randwrite", "4k", 16, "iops"),
         ("write 1m QD4", "write", "1m", 4, "bw")]
 
 
-def pydm(sock, *args):
-    return subprocess.run([sys.executable, "-m", "pydm", *args, "--socket", sock],
-                          capture_output=True, text=True, check=True).stdout
-
-
-def preallocated(path, mib):
-    with open(path, "wb") as f:
-        chunk = bytes(1 << 20)
-        for _ in range(mib):
-            f.write(chunk)
-    return path
 
 
 def serve(work, args):

@@ -98,3 +98,19 @@ def fio_version():
 
 def fmt(metric, v):
     return f"{v / 1e6:8.0f} MB/s" if metric == "bw" else f"{v / 1e3:8.1f}k IOPS"
+
+
+def pydm(sock, *args):
+    """Run the ``pydm`` command of this interpreter against the daemon at ``sock``."""
+    return subprocess.run([sys.executable, "-m", "pydm", *args, "--socket", sock],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def preallocated(path, mib):
+    """A file of ``mib`` MiB of zeros, written (not sparse): log writes into
+    it never allocate."""
+    with open(path, "wb") as f:
+        chunk = bytes(1 << 20)
+        for _ in range(mib):
+            f.write(chunk)
+    return path
