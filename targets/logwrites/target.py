@@ -36,7 +36,7 @@ import threading
 from pydm.bio import Bio, DISCARD, FLUSH, READ, REQ_FUA, REQ_PREFLUSH, WRITE
 from pydm.devio import DeviceIO
 from pydm.errors import TargetError
-from pydm.lockdep import make_lock
+from pydm.lockdep import make_event, make_lock
 from pydm.table import quote_arg
 from pydm.target import DONE, REMAPPED, STATUS_TABLE, SUBMITTED, Target
 from pydm.targets.logwrites import format as F
@@ -44,6 +44,7 @@ from pydm.targets.logwrites.logger import LogWriter
 from pydm.targets.logwrites.order import LogOrder, Record
 
 MAX_UNFLUSHED = 64 << 20          # bytes of completed writes held for a flush
+OWN_FLUSH_WAIT = 60               # s a remove waits for our own flush of the data device
 
 
 class _Flush:
@@ -84,6 +85,8 @@ class LogWritesTarget(Target):
         self.order = LogOrder()
         self.failed_writes = 0
         self.own_flush = False             # a flush of our own is in flight
+        self.own_flush_over = make_event()
+        self.own_flush_over.set()
         self.num_flush_bios = 1
         self.num_discard_bios = 1
         self.num_write_zeroes_bios = 0
@@ -107,6 +110,9 @@ class LogWritesTarget(Target):
         logger = getattr(self, "logger", None)
         if logger is None:
             return
+        # our own flush goes to the data device, not through this device,
+        # so the suspend before a remove does not wait for it: we do
+        self.own_flush_over.wait(OWN_FLUSH_WAIT)
         end = Record.make(self.ss, 0, 0, F.MARK, text=F.END_MARK.encode())
         with self.lock:
             logger.add(self.order.teardown(end))
@@ -172,6 +178,7 @@ class LogWritesTarget(Target):
             if self.order.unflushed_bytes > MAX_UNFLUSHED and not self.own_flush:
                 token = self.order.flush_issued()
                 self.own_flush = True
+                self.own_flush_over.clear()
         if token is not None:
             # on a thread of its own: the flush may take a while, and the
             # completion that got us here must not wait for it
@@ -183,6 +190,7 @@ class LogWritesTarget(Target):
         self._flush_completed(bio.private, bio.status)
         with self.lock:
             self.own_flush = False
+            self.own_flush_over.set()
 
     def _flush_completed(self, token, status):
         with self.lock:

@@ -277,3 +277,19 @@ def test_random_completion_order_never_puts_a_write_after_a_flush_that_covered_i
         assert n == 0 or where[wid] > flushes[n - 1], f"write {wid} logged before flush {n - 1}"
     image = apply(es, ss, bytearray(r.initial))
     assert bytes(image) == open(r.data, "rb").read()
+
+
+def test_past_the_unflushed_bound_the_target_flushes_the_data_device_itself(tmp_path,
+                                                                            monkeypatch):
+    """Completed writes wait in RAM for a flush; past the bound the target
+    flushes the data device itself, so they go into the log behind a real
+    FLUSH entry, and a remove right after waits for that flush."""
+    from pydm.targets.logwrites import target as lw_target
+    monkeypatch.setattr(lw_target, "MAX_UNFLUSHED", 16 << 10)
+    r = Rig(tmp_path)
+    for i in range(20):
+        assert r.write(i * 8, data(8, i)) == 0
+    r.close()
+    ks = kinds(r.entries())
+    assert ks.count("FLUSH") >= 3 and ks[-1] == "M:dm-log-writes-end"
+    assert sorted(k for k in ks if k.startswith("W")) == sorted(f"W{i * 8}" for i in range(20))
