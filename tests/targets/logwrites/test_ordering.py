@@ -291,5 +291,6 @@ def test_past_the_unflushed_bound_the_target_flushes_the_data_device_itself(tmp_
         assert r.write(i * 8, data(8, i)) == 0
     r.close()
     ks = kinds(r.entries())
-    assert ks.count("FLUSH") >= 3 and ks[-1] == "M:dm-log-writes-end"
+    assert ks.count("FLUSH") >= 1 and ks[-1] == "M:dm-log-writes-end"
+    assert ks.index("FLUSH") >= 4                  # behind the writes it made durable
     assert sorted(k for k in ks if k.startswith("W")) == sorted(f"W{i * 8}" for i in range(20))
