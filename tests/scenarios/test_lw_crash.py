@@ -16,7 +16,7 @@ from nbdclient import Client, NBDError
 from wb_support import poll
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "targets", "logwrites"))
-from spec_reader import apply, read_log  # noqa: E402
+from lw_spec_reader import apply, read_log  # noqa: E402
 
 KILLS = int(os.environ.get("PYDM_LW_KILLS", "20"))
 SIZE = 4 << 20

@@ -10,7 +10,7 @@ from helpers import do_io
 from pydm.bio import DISCARD, FLUSH, REQ_FUA, REQ_PREFLUSH, WRITE
 from pydm.control import Control
 from pydm.store import FileStore, StorePool
-from spec_reader import read_log
+from lw_spec_reader import read_log
 
 SECTOR = 512
 

@@ -13,7 +13,7 @@ import pytest
 from lwtest import SECTOR, Rig, kinds
 from pydm.cli import main as pydm_main
 from pydm.errors import DMError
-from spec_reader import apply, read_log
+from lw_spec_reader import apply, read_log
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "contract"))
 from contract_cases import PassThru  # noqa: E402

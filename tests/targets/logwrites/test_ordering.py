@@ -181,7 +181,7 @@ def test_a_failed_data_write_is_not_logged_and_is_counted(tmp_path):
     status = c.status("lw")[0][3].split()
     c.shutdown()
     assert status[2:4] == ["failed_writes", "1"]
-    from spec_reader import read_log
+    from lw_spec_reader import read_log
     assert kinds(read_log(r.log)[1]) == ["M:dm-log-writes-end"]     # teardown: nothing else
 
 
@@ -202,7 +202,7 @@ def test_sectors_are_target_relative(tmp_path):
     assert do_io(dev, WRITE, 2048 + 8, data=data(8, 7))[0] == 0
     assert do_io(dev, FLUSH, 0, flags=REQ_PREFLUSH)[0] == 0
     c.shutdown()
-    from spec_reader import read_log
+    from lw_spec_reader import read_log
     es = read_log(r.log)[1]
     assert es[0]["sector"] == 8 and es[0]["data"] == data(8, 7)
 
@@ -260,7 +260,7 @@ def test_random_completion_order_never_puts_a_write_after_a_flush_that_covered_i
     for t in threads:
         t.join(60)
     c.shutdown()
-    from spec_reader import apply, read_log
+    from lw_spec_reader import apply, read_log
     ss, es = read_log(r.log)
     where = {}                                  # write id -> its entry index
     flushes = []
