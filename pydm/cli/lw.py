@@ -122,12 +122,13 @@ def _print_rows(log, rows):
 
 
 def cmd_mark(args):
+    from pydm.cli.era_live import _why
     from pydm.ctlsock import ControlError
     with client(args) as c:
         try:
             c.call("message", name=args.device, sector=0, text=f"mark {args.name}")
         except ControlError as e:
-            fail(f"{args.device}: {e}")
+            fail(f"{args.device}: mark failed: {_why(args.device, e)}")
     return 0
 
 
