@@ -24,10 +24,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-from nbdbench import fmt, free_port, make_image, preallocated, pydm, run_fio, start_pydm, stop
+from nbdbench import (fmt, free_port, make_image, preallocated, pydm, run_fio, run_in_workdir,
+                      start_pydm, stop)
 
 SIZE = 256 << 20
 JOBS = [("randwrite 4k QD16", "randwrite", "4k", 16, "iops"),
@@ -119,16 +119,7 @@ def main():
     ap.add_argument("--dir", help="work directory (default: a fresh temporary one)")
     ap.add_argument("--skip-nbd", action="store_true")
     args = ap.parse_args()
-    work = args.dir or tempfile.mkdtemp(prefix="pydm-lwbench-")
-    os.makedirs(work, exist_ok=True)
-    try:
-        if not args.skip_nbd:
-            bench_nbd(work, args)
-        bench_replay(work, args)
-    finally:
-        if not args.dir:
-            shutil.rmtree(work, ignore_errors=True)
-
+    run_in_workdir(args, "pydm-lwbench-", [bench_nbd, bench_replay])
 
 if __name__ == "__main__":
     main()

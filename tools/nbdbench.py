@@ -114,3 +114,24 @@ def preallocated(path, mib):
         for _ in range(mib):
             f.write(chunk)
     return path
+
+
+def run_in_workdir(args, prefix, steps):
+    """Run each ``step(work, args)`` in ``args.dir``, or in a fresh temporary
+    directory that is removed afterwards; the NBD steps (all but the last,
+    which runs in-process) are skipped with ``args.skip_nbd``."""
+    import shutil
+    import tempfile
+    if shutil.which("fio") is None and not args.skip_nbd:
+        raise SystemExit("fio is not installed (apt-get install fio)")
+    work = args.dir or tempfile.mkdtemp(prefix=prefix)
+    os.makedirs(work, exist_ok=True)
+    try:
+        for step in steps[:-1]:
+            if not args.skip_nbd:
+                step(work, args)
+        steps[-1](work, args)
+    finally:
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+
