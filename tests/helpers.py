@@ -85,7 +85,11 @@ class Daemon:
 
     def __init__(self, tmp_path, config=None, extra=(), wrapper=(), sock=None):
         self.sock = sock or tmp_path / "ctl.sock"
-        self.log = open(tmp_path / "daemon.log", "w+")
+        # Append mode: the daemon writes through the same open file that
+        # output() seeks to read, and with a shared offset a seek could make
+        # its next line overwrite the start of the file ("ydm: serving...").
+        open(tmp_path / "daemon.log", "w").close()
+        self.log = open(tmp_path / "daemon.log", "a+")
         extra = list(extra)
         if not any(a in extra for a in ("--unix", "--port", "--listen")):
             extra.append("--no-nbd")      # never fight over the default port 10809
@@ -103,7 +107,13 @@ class Daemon:
             if "pydm: serving devices:" in self.output():
                 return
             time.sleep(0.05)
-        raise AssertionError("daemon did not start:\n" + self.output())
+        # where it is stuck: faulthandler prints every thread's stack on SIGABRT
+        self.proc.send_signal(signal.SIGABRT)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        raise AssertionError("daemon did not start within 30 s:\n" + self.output())
 
     def output(self):
         self.log.flush()
