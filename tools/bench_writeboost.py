@@ -190,5 +190,6 @@ def main():
     args = ap.parse_args()
     run_in_workdir(args, "pydm-wbbench-", [bench_nbd, bench_replay])
 
+
 if __name__ == "__main__":
     main()
