@@ -71,7 +71,7 @@ class MappedDevice:
             # Emitted under the lock: once released, a resume may resubmit
             # the bio and its bio_submit must not be seen before this.
             if trace.ENABLED:
-                trace.emit("bio_defer", dev=self.name, bio=bio.id)
+                trace.emit("bio_defer", dev=self.name, minor=self.minor, bio=bio.id)
             lock.release()
             return
         table = self.live
@@ -82,13 +82,14 @@ class MappedDevice:
         self._inflight += 1
         lock.release()
         if trace.ENABLED:
-            trace.emit("bio_submit", dev=self.name, bio=bio.id, op=bio.op,
-                       sector=bio.sector, nr=bio.nr_sectors)
+            trace.emit("bio_submit", dev=self.name, minor=self.minor, bio=bio.id, op=bio.op,
+                       flags=bio.flags, sector=bio.sector, nr=bio.nr_sectors)
         route(self, table, bio)
 
     def _fail(self, bio, status=errno.EIO):
         if trace.ENABLED:
-            trace.emit("bio_complete", dev=self.name, bio=bio.id, status=status)
+            trace.emit("bio_complete", dev=self.name, minor=self.minor, bio=bio.id,
+                       status=status)
         bio.complete(status)
 
     def io_done(self, bio, status) -> None:
@@ -99,12 +100,13 @@ class MappedDevice:
                     self._deferred.appendleft(bio)
                     self._dec_inflight()
                     if trace.ENABLED:
-                        trace.emit("bio_requeue", dev=self.name, bio=bio.id)
+                        trace.emit("bio_requeue", dev=self.name, minor=self.minor, bio=bio.id)
                     return
             status = errno.EIO
         try:
             if trace.ENABLED:
-                trace.emit("bio_complete", dev=self.name, bio=bio.id, status=status)
+                trace.emit("bio_complete", dev=self.name, minor=self.minor, bio=bio.id,
+                       status=status)
             bio.complete(status)
         finally:
             with self._io_lock:
@@ -317,6 +319,8 @@ class MappedDevice:
                     self._suspend(noflush)
                 old, self.live = self.live, self.inactive
                 self.inactive = None
+                if trace.ENABLED:
+                    trace.emit("dev_swap", dev=self.name, minor=self.minor)
                 if old is not None:
                     self._retire(old)
             if not self.suspended:
@@ -352,6 +356,8 @@ class MappedDevice:
         with self.control_lock:
             if self.dead:
                 return
+            if trace.ENABLED:
+                trace.emit("dev_remove_begin", dev=self.name, minor=self.minor)
             if self.live is not None and not self.suspended:
                 try:
                     self._suspend(False)
@@ -370,6 +376,8 @@ class MappedDevice:
                 trace.emit("dev_remove", dev=self.name, minor=self.minor)
         for bio in held:
             self._fail(bio)
+        if trace.ENABLED:
+            trace.emit("dev_gone", dev=self.name, minor=self.minor)
         self.raise_event()
 
     # ----------------------------------------------------------- queries

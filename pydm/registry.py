@@ -12,6 +12,7 @@ import errno
 import importlib
 import importlib.metadata
 
+from pydm import trace
 from pydm.errors import DMError
 from pydm.lockdep import make_lock
 from pydm.target import Target
@@ -67,6 +68,8 @@ class TargetRegistry:
                               f"table(s)", errno.EBUSY)
             if self._types.pop(name, None) is None:
                 raise DMError(f"target type {name} not registered", errno.ENOENT)
+            if trace.ENABLED:
+                trace.emit("target_unload", type=name)
 
     def get(self, name: str):
         with self._lock:
@@ -83,11 +86,15 @@ class TargetRegistry:
         cls = self.get(name)
         with self._lock:
             self._refs[name] = self._refs.get(name, 0) + 1
+            if trace.ENABLED:
+                trace.emit("target_get", type=name)
         return cls
 
     def release(self, name: str) -> None:
         with self._lock:
             n = self._refs.get(name, 0) - 1
+            if trace.ENABLED:
+                trace.emit("target_put", type=name)
             if n > 0:
                 self._refs[name] = n
             else:

@@ -62,6 +62,9 @@ def _clone_done(clone):
     io = clone.io
     status = clone.status
     t = clone.target
+    if trace.ENABLED:
+        trace.emit("clone_complete", dev=io.dev.name, bio=io.orig.id, clone=clone.id,
+                   target=t.name, op=clone.op, status=status)
     if t.end_io is not None:
         try:
             r, status = t.end_io(clone, status)
@@ -89,7 +92,7 @@ def _dispatch(t, clone, dev):
         log.exception("%s: map failed", t.name)
         r = KILL
     if trace.ENABLED:
-        trace.emit("bio_remap", dev=dev.name, bio=clone.io.orig.id, clone=clone.id,
+        trace.emit("bio_remap", dev=dev.name, bio=clone.io.orig.id, clone=clone.id, op=clone.op,
                    target=t.name, result=r)
     if r == REMAPPED:
         clone.dev.submit(clone)

@@ -1,9 +1,10 @@
 """Structured trace events at fixed points, behind one switch.
 
 Rules of this module: call sites read ``if trace.ENABLED: trace.emit(...)`` so
-a disabled trace costs one attribute load.  ``emit`` hands each event to every
-attached sink synchronously, in the emitting thread; sinks must not take pydm
-locks (they run inside the I/O and control paths).
+a disabled trace costs one attribute load.  ``emit`` hands each event to the
+attached sinks that take it (each sink names its events, or takes all),
+synchronously, in the emitting thread; sinks must not take pydm locks (they
+run inside the I/O and control paths).
 
 Event names used by the core (fields in parentheses):
 
@@ -24,33 +25,52 @@ from pydm.lockdep import make_raw_lock
 
 ENABLED = os.environ.get("PYDM_TRACE", "") not in ("", "0")
 
-_sinks = []
+_sinks = []                     # (sink, events or None)
+_routes = {}                    # event name -> tuple of sinks that take it
+_catch_all = ()                 # sinks that take every event
 _seq = itertools.count(1)
 _sink_lock = make_raw_lock()    # guards the sink list only, never held in emit
 
 
 def emit(event: str, **fields) -> None:
+    sinks = _routes.get(event, _catch_all)
+    if not sinks:
+        return
     fields["event"] = event
     fields["seq"] = next(_seq)
     fields["thread"] = threading.get_ident()
-    for sink in tuple(_sinks):
+    for sink in sinks:
         sink(fields)
 
 
-def attach(sink) -> None:
-    """Add a callable(fields) and switch tracing on."""
-    global ENABLED
+def _rebuild() -> None:
+    global ENABLED, _routes, _catch_all
+    catch_all = tuple(s for s, evs in _sinks if evs is None)
+    routes = {}
+    for s, evs in _sinks:
+        for ev in evs or ():
+            routes.setdefault(ev, list(catch_all)).append(s)
+    _routes = {ev: tuple(v) for ev, v in routes.items()}
+    _catch_all = catch_all
+    ENABLED = bool(_sinks) or os.environ.get("PYDM_TRACE", "") not in ("", "0")
+
+
+def attach(sink, events=None) -> None:
+    """Add a callable(fields) and switch tracing on.  With ``events`` (names)
+    the sink is only called for those events."""
     with _sink_lock:
-        _sinks.append(sink)
-        ENABLED = True
+        _sinks.append((sink, frozenset(events) if events is not None else None))
+        _rebuild()
 
 
 def detach(sink) -> None:
-    global ENABLED
     with _sink_lock:
-        if sink in _sinks:
-            _sinks.remove(sink)
-        ENABLED = bool(_sinks) or os.environ.get("PYDM_TRACE", "") not in ("", "0")
+        _sinks[:] = [(s, e) for s, e in _sinks if s is not sink]
+        _rebuild()
+
+
+def attached() -> bool:
+    return bool(_sinks)
 
 
 class Recorder:

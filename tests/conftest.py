@@ -12,6 +12,36 @@ os.environ.setdefault("PYDM_LOCKDEP", "1")
 import pytest  # noqa: E402
 
 from pydm import lockdep  # noqa: E402
+from pydm.verify.session import Session  # noqa: E402
+
+_rv = None
+
+
+def pytest_configure(config):
+    global _rv
+    _rv = Session()
+    _rv.enable([n for n in _rv.available() if n != "lockdep"], reactor="raise")
+
+
+def pytest_unconfigure(config):
+    if _rv is None:
+        return
+    _rv.end_check()
+    path = os.environ.get("PYDM_RV_REPORT")
+    if path:
+        import json
+        out = {}
+        for v in _rv.violations():
+            out.setdefault(v.monitor, []).append(str(v))
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+    _rv.close()
+
+
+@pytest.fixture
+def rv_session():
+    """The suite's monitor session (tests that check a monitor stayed quiet)."""
+    return _rv
 
 
 @pytest.fixture(autouse=True)
@@ -20,6 +50,14 @@ def _no_lock_order_reports():
     yield
     new = lockdep.reports[before:]
     assert not new, "lock-order checker reported:\n" + "\n".join(new)
+
+
+@pytest.fixture(autouse=True)
+def _no_monitor_violations():
+    before = len(_rv.violations())
+    yield
+    new = _rv.violations()[before:]
+    assert not new, "runtime monitors reported:\n" + "\n".join(str(v) for v in new[:10])
 
 
 def _mount(args, what):

@@ -5,13 +5,17 @@ subset is the one rvgen parses: first line ``digraph state_automaton {``; an
 invisible ``__init_<state>`` node with an edge to the initial state;
 ``doublecircle`` (or ``ellipse``) marks final states (none given: the initial state is final);
 edges ``"a" -> "b" [ label = "ev1\\nev2" ];`` with several events split on a
-literal backslash-n.  The model is checked for determinism and reachability.
+literal backslash-n.  Hybrid automata (the clock-guarded monitors Linux RV
+added): a node label line ``clk < NAME`` is a state invariant, armed on
+entry, whose threshold ``NAME`` the monitor supplies in seconds.  The model is checked for determinism and reachability.
 """
 
 import os
 import re
 
 _NODE = re.compile(r'\{node \[([^\]]*)\]\s*"([^"]+)"\}')
+_LABEL = re.compile(r'label\s*=\s*"([^"]*)"')
+_INVARIANT = re.compile(r"^clk\s*<\s*([A-Za-z_][A-Za-z0-9_]*)$")
 _EDGE = re.compile(r'"([^"]+)"\s*->\s*"([^"]+)"(?:\s*\[\s*label\s*=\s*"([^"]*)"\s*\])?')
 
 MODELS_DIR = os.path.join(os.path.dirname(__file__), "models")
@@ -22,13 +26,18 @@ class ModelError(ValueError):
 
 
 class Automaton:
-    def __init__(self, name, states, events, initial, finals, table):
+    def __init__(self, name, states, events, initial, finals, table, invariants=None):
         self.name = name
         self.states = states
         self.events = events
         self.initial = initial
         self.finals = finals
         self.table = table          # (state, event) -> next state
+        self.invariants = invariants or {}      # state -> threshold name
+        self._exits = {a for (a, _e) in table}
+
+    def has_exits(self, state):
+        return state in self._exits
 
     def next(self, state, event):
         return self.table.get((state, event))
@@ -41,11 +50,18 @@ def parse(text: str, name: str = "model") -> Automaton:
     lines = [l.strip() for l in text.strip().splitlines()]
     if not lines or lines[0] != "digraph state_automaton {":
         raise ModelError(f"{name}: first line must be 'digraph state_automaton {{'")
-    states, finals, initial = [], set(), None
+    states, finals, initial, invariants = [], set(), None, {}
     for attrs, node in _NODE.findall(text):
         if node.startswith("__init_"):
             continue
         states.append(node)
+        label = _LABEL.search(attrs)
+        for part in (label.group(1).split("\\n")[1:] if label else ()):
+            m = _INVARIANT.match(part.strip())
+            if not m:
+                raise ModelError(f"{name}: state {node}: cannot read {part.strip()!r} "
+                                 "(only 'clk < NAME' invariants)")
+            invariants[node] = m.group(1)
         if "doublecircle" in attrs or "ellipse" in attrs:
             finals.add(node)
     table, events = {}, []
@@ -80,7 +96,7 @@ def parse(text: str, name: str = "model") -> Automaton:
                 todo.append(b)
     if set(states) - seen:
         raise ModelError(f"{name}: unreachable states {sorted(set(states) - seen)}")
-    return Automaton(name, states, events, initial, finals, table)
+    return Automaton(name, states, events, initial, finals, table, invariants)
 
 
 def load(name: str) -> Automaton:

@@ -1,122 +1,251 @@
-"""Monitors: run trace events through an automaton, one instance per key.
+"""Monitors: trace events run through an automaton, one instance per key.
 
-Rules of this module: a monitor is a trace sink (see pydm.trace).  Each
-instance (per device, per bio...) starts in the model's initial state; an
-event with no transition from the current state is a violation, handed to the
-reactor, and the instance is reset.  A deterministic automaton cannot say
-"eventually", so ``end_check`` reports every instance not in a final state
-(this is what turns "at most once" into "exactly once").  Reactors never take
-pydm locks.
+Rules of this module:
+
+* A monitor is a trace sink (see ``pydm.trace``) for the events its spec
+  names.  The spec's handler for an event turns it into zero or more
+  ``(key, model_event)`` pairs; it may keep shadow state (the DLM verifier's
+  holder table) in ``monitor.shadow``, and runs under the monitor's own raw
+  lock, so handlers see events one at a time.
+* Scopes: ``global`` (one instance, key None), ``per_device`` (key = device)
+  and ``per_object`` (key from the event; an instance is created only by a
+  start event and dropped when it reaches a final state; the keys of the last
+  few thousand dropped instances are remembered with their state, so an event
+  after the end, such as a second completion, is still checked).
+* An event with no transition from the instance's state is a violation: it is
+  handed to the reactor once, with the instance's last events, and the
+  instance is dropped and ignored from then on (no cascade of reports).
+* A deterministic automaton cannot say "eventually": ``end_check`` reports
+  instances left in a non-final state (at drain points the spec names, and at
+  the end of a run), which turns "at most once" into "exactly once".
+* A state with a clock invariant (``clk < T``) arms a deadline on entry; the
+  clock watchdog reports an instance still in that state when it expires.
+* Reactors never take pydm locks, and a monitor never holds its lock while
+  it reacts (a ``raise`` reactor raises in the emitting thread).
 """
 
-import contextlib
-import logging
+import collections
+import time
 
-from pydm import trace
 from pydm.lockdep import make_raw_lock
 from pydm.verify.dotmodel import load
+from pydm.verify.reactors import REACTORS, VerificationError, react
 
-log = logging.getLogger("pydm.verify")
+HISTORY = 8           # events kept per instance for a report
+REMEMBERED = 4096     # dropped per-object instances still checked
+
+__all__ = ["Monitor", "Spec", "Violation", "VerificationError"]
 
 
-class VerificationError(AssertionError):
-    pass
+class Spec:
+    """What a monitor is: its model, scope, and how trace events map onto it.
+
+    ``handlers``: trace event name -> fn(fields, shadow) returning an
+    iterable of (key, model event) pairs (or None).  ``start``: model events
+    that create a per-object instance; ``reset``: model events that put an
+instance (new or not) back in the initial state first.  ``end_on``: trace event name ->
+    fn(fields) giving a predicate on keys: instances it selects are checked
+    (and dropped) when that event is seen.  ``params``: clock thresholds in
+    seconds by name.  ``shadow``: factory of the handlers' shadow state.
+    """
+
+    def __init__(self, name, model, scope, doc, handlers, start=(), reset=(), end_on=None,
+                 params=None, shadow=dict):
+        if scope not in ("global", "per_device", "per_object"):
+            raise ValueError(f"bad scope {scope!r}")
+        self.name = name
+        self.model_name = model
+        self.scope = scope
+        self.doc = doc
+        self.handlers = handlers
+        self.start = frozenset(start)
+        self.reset = frozenset(reset)
+        self.end_on = end_on or {}
+        self.params = params or {}
+        self.shadow = shadow
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = load(self.model_name)
+        return self._model
+
+    @property
+    def events(self):
+        return frozenset(self.handlers) | frozenset(self.end_on)
 
 
 class Violation:
-    def __init__(self, monitor, key, state, event, fields):
+    def __init__(self, monitor, key, state, event, history, why=None):
         self.monitor = monitor
         self.key = key
         self.state = state
         self.event = event
-        self.fields = fields
+        self.history = history
+        self.why = why
+        self.time = time.time()
 
     def __str__(self):
-        what = f"event {self.event}" if self.event else "end of run"
-        return f"{self.monitor}[{self.key}]: {what} not allowed in state {self.state}"
+        what = self.why or (f"event {self.event} not allowed in state {self.state}"
+                            if self.event else f"left in state {self.state} at the end")
+        last = "; ".join(self.history)
+        return f"{self.monitor}[{self.key}]: {what}" + (f" (last events: {last})" if last else "")
+
+    def as_dict(self):
+        return {"monitor": self.monitor, "key": repr(self.key), "state": self.state,
+                "event": self.event, "history": list(self.history), "report": str(self)}
 
 
 class Monitor:
-    """``key`` picks the instance from an event's fields; ``start`` events
-    reset their instance to the initial state before being applied."""
-
-    def __init__(self, model, key, start=(), reactor="record", name=None):
-        self.model = load(model) if isinstance(model, str) else model
-        self.name = name or self.model.name
-        self.key = key
-        self.start = set(start)
+    def __init__(self, spec: Spec, reactor="record", params=None):
+        if reactor not in REACTORS:
+            raise ValueError(f"unknown reactor {reactor!r}")
+        self.spec = spec
+        self.name = spec.name
+        self.model = spec.model
         self.reactor = reactor
-        self.instances = {}
+        self.params = dict(spec.params, **(params or {}))
+        self.instances = {}           # key -> state
+        self.history = {}             # key -> deque of "trace:model" strings
+        self.finished = collections.OrderedDict()   # key -> final state (or None: violated)
+        self.deadlines = {}           # key -> (monotonic deadline, state)
         self.violations = []
+        self.shadow = spec.shadow()
+        self.events_seen = 0
+        self.clock = None             # set by the session when the model has clocks
         self._lock = make_raw_lock()
+        self._per_object = spec.scope == "per_object"
+        self._invariants = {s: self.params[p] for s, p in self.model.invariants.items()}
 
+    def set_params(self, **params):
+        """Change clock thresholds (seconds); applies to states entered after."""
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise ValueError(f"{self.name} has no parameter {sorted(unknown)[0]!r}")
+        with self._lock:
+            self.params.update(params)
+            self._invariants = {s: self.params[p] for s, p in self.model.invariants.items()}
+
+    # ------------------------------------------------------------ events
     def __call__(self, fields):
         ev = fields["event"]
-        if ev not in self.model.events:
-            return
-        k = self.key(fields)
-        if k is None:
-            return
-        bad = None
+        bad = []
         with self._lock:
-            st = self.model.initial if ev in self.start else self.instances.get(k, self.model.initial)
-            nxt = self.model.next(st, ev)
-            if nxt is None:
-                bad = Violation(self.name, k, st, ev, dict(fields))
-                self.instances.pop(k, None)
+            self.events_seen += 1
+            handler = self.spec.handlers.get(ev)
+            if handler is not None:
+                pairs = handler(fields, self.shadow)
+                if pairs:
+                    for key, mev in pairs:
+                        v = self._step(key, mev, ev)
+                        if v is not None:
+                            bad.append(v)
+            ender = self.spec.end_on.get(ev)
+            if ender is not None:
+                bad.extend(self._end(ender(fields)))
+        for v in bad:
+            self._react(v)
+
+    def _step(self, key, mev, trace_ev):
+        model = self.model
+        st = self.instances.get(key)
+        if mev in self.spec.reset:
+            st = model.initial
+            self.finished.pop(key, None)
+        elif st is None:
+            if key in self.finished:
+                st = self.finished[key]
+                if st is None:
+                    return None           # already reported: ignored
+            elif self._per_object and mev not in self.spec.start:
+                return None               # not being monitored
             else:
-                self.instances[k] = nxt
-        if bad is not None:
-            self._react(bad)
+                st = model.initial
+        hist = self.history.get(key)
+        if hist is None:
+            hist = self.history[key] = collections.deque(maxlen=HISTORY)
+        hist.append(f"{trace_ev}->{mev}" if trace_ev != mev else mev)
+        nxt = model.next(st, mev)
+        if nxt is None:
+            v = Violation(self.name, key, st, mev, tuple(hist))
+            self._drop(key, None)
+            return v
+        if nxt != st or key not in self.instances:
+            if self._invariants:
+                self._arm(key, nxt)
+        if self._per_object and nxt in model.finals and not model.has_exits(nxt):
+            self._drop(key, nxt)
+        else:
+            self.instances[key] = nxt
+            self.finished.pop(key, None)
+        return None
 
-    def end_check(self):
+    def _drop(self, key, final_state):
+        self.instances.pop(key, None)
+        self.history.pop(key, None)
+        self.deadlines.pop(key, None)
+        self.finished[key] = final_state
+        self.finished.move_to_end(key)
+        if len(self.finished) > REMEMBERED:
+            self.finished.popitem(last=False)
+
+    def _arm(self, key, state):
+        limit = self._invariants.get(state)
+        if limit is None:
+            self.deadlines.pop(key, None)
+        else:
+            self.deadlines[key] = (time.monotonic() + limit, state)
+            if self.clock is not None:
+                self.clock.poke()
+
+    # -------------------------------------------------------- end checks
+    def _end(self, select):
+        out = []
+        finals = self.model.finals
+        for key, st in list(self.instances.items()):
+            if st not in finals and select(key):
+                out.append(Violation(self.name, key, st, None,
+                                     tuple(self.history.get(key, ()))))
+                self._drop(key, None)
+        return out
+
+    def end_check(self, select=lambda key: True):
+        """Report instances left non-final (all, or those ``select`` picks)."""
         with self._lock:
-            left = [(k, s) for k, s in self.instances.items() if s not in self.model.finals]
-        for k, s in left:
-            self._react(Violation(self.name, k, s, None, {}))
+            bad = self._end(select)
+        for v in bad:
+            self._react(v, final=True)
+        return bad
 
-    def _react(self, v):
+    def expire(self, now):
+        """Report instances whose clock invariant no longer holds; the
+        earliest deadline still armed (or None)."""
+        bad, nxt = [], None
+        with self._lock:
+            for key, (deadline, st) in list(self.deadlines.items()):
+                if deadline <= now:
+                    limit = self._invariants[st]
+                    bad.append(Violation(self.name, key, st, None,
+                                         tuple(self.history.get(key, ())),
+                                         why=f"still in state {st} after {limit:g} s "
+                                             f"(invariant clk < {limit:g} s)"))
+                    self._drop(key, None)
+                elif nxt is None or deadline < nxt:
+                    nxt = deadline
+        for v in bad:
+            self._react(v, final=True)
+        return nxt
+
+    def _react(self, v, final=False):
         self.violations.append(v)
-        if self.reactor == "log":
-            log.error("verification: %s", v)
-        elif self.reactor == "raise":
-            raise VerificationError(str(v))
+        react(self.reactor, v, in_emitter=not final)
 
-
-def bio_once(reactor="record"):
-    return Monitor("bio_once", key=lambda f: f.get("bio"), reactor=reactor)
-
-
-def dev_lifecycle(reactor="record"):
-    # Keyed by minor, not name: a name can be reused while the old device
-    # is still being torn down.
-    return Monitor("dev_lifecycle", key=lambda f: f.get("minor"), start=("dev_create",),
-                   reactor=reactor)
-
-
-FACTORIES = {"bio_once": bio_once, "dev_lifecycle": dev_lifecycle}
-
-
-@contextlib.contextmanager
-def enabled(*names, reactor="record"):
-    """Attach monitors for the duration; end checks run on exit.
-
-    With ``reactor="raise"`` a violation raises in the emitting thread and any
-    violation (including end-of-run ones) is raised again on exit.
-    """
-    monitors = [FACTORIES[n](reactor) for n in names]
-    for m in monitors:
-        trace.attach(m)
-    try:
-        yield monitors
-    finally:
-        for m in monitors:
-            trace.detach(m)
-    for m in monitors:
-        try:
-            m.end_check()
-        except VerificationError:
-            pass
-    bad = [str(v) for m in monitors for v in m.violations]
-    if bad and reactor == "raise":
-        raise VerificationError("\n".join(bad[:20]))
+    def clear(self):
+        with self._lock:
+            self.instances.clear()
+            self.history.clear()
+            self.finished.clear()
+            self.deadlines.clear()
+            self.violations.clear()
+            self.shadow = self.spec.shadow()

@@ -1,0 +1,3 @@
+"""Monitors of the era target (filled in by the era models)."""
+
+SPECS = ()

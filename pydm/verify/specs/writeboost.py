@@ -1,0 +1,3 @@
+"""Monitors of the writeboost target (filled in by the writeboost models)."""
+
+SPECS = ()
