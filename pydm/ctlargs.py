@@ -33,6 +33,8 @@ ARG_TYPES = {
     "sector": _UINT,
     "event_nr": _OPT_UINT,
     "timeout": _OPT_SECONDS,
+    "monitor": _OPT_STR,
+    "reactor": _OPT_STR,
 }
 
 

@@ -13,15 +13,18 @@ import time
 from pydm.control import Control
 from pydm.ctlsock import ControlServer
 from pydm.errors import DMError, PydmError
+from pydm.verify.rvctl import handlers as rv_handlers
+from pydm.verify.session import default as default_session
 
 log = logging.getLogger("pydm.daemon")
 
 
 class Daemon:
-    def __init__(self, socket_path: str, control: Control = None):
+    def __init__(self, socket_path: str, control: Control = None, rv=None):
         self.control = control or Control()
         self.socket_path = socket_path
-        self.ctl = ControlServer(self.control, socket_path)
+        self.rv = rv if rv is not None else default_session()
+        self.ctl = ControlServer(self.control, socket_path, handlers=rv_handlers(self.rv))
         self.services = []
         # A plain flag: a signal handler must never take a lock (it may run
         # while the main thread already holds the one it would need).
@@ -70,6 +73,9 @@ class Daemon:
                 log.exception("stopping %r failed", s)
         self.ctl.stop()
         self.control.shutdown()
+        for v in self.rv.end_check():
+            log.error("rv: at shutdown: %s", v)
+        self.rv.close()
 
     def request_stop(self, *_):
         self._stopping = True

@@ -20,6 +20,7 @@ Event names used by the core (fields in parentheses):
 import itertools
 import os
 import threading
+from time import monotonic as _monotonic
 
 from pydm.lockdep import make_raw_lock
 
@@ -39,6 +40,7 @@ def emit(event: str, **fields) -> None:
     fields["event"] = event
     fields["seq"] = next(_seq)
     fields["thread"] = threading.get_ident()
+    fields["t"] = _monotonic()
     for sink in sinks:
         sink(fields)
 

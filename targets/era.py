@@ -32,6 +32,14 @@ Rules of this module:
 * Metadata is opened at construction (to validate it) and again at the first
   preresume, after any previous table over the same metadata has committed
   and gone.
+* Trace events (for the era_drain and era_commit monitors, docs/rv/), keyed
+  by ``id(tracker)`` since tables are reloaded under one device name:
+  ``era_init`` (dev, key, nr_blocks) at construction, ``era_write`` (dev,
+  key, bio, first, end) just before a write goes to the origin (its
+  completion is the core's ``clone_complete`` of that bio),
+  ``era_checkpoint_begin`` (dev, key, op) inside the quiesce before the
+  change, ``era_checkpoint_done`` (dev, key, op, ok) after its commit,
+  ``era_dtr`` (dev, key); the tracker adds the commits and resets of marks.
 
 Failures: see ``era_tracker`` (a failed change goes back to the last
 commit; only metadata that cannot be read back stops writes to unmarked
@@ -107,10 +115,21 @@ class EraTarget(Target):
         self.committed = self.tracker.committed      # read by the fast path
         self._defer = self.worker.add
         self._status_cache = "Error"
+        if trace.ENABLED:
+            trace.emit("era_init", dev=self._dev_name(), key=id(self.tracker),
+                       nr_blocks=self.nr_blocks)
+
+    def _dev_name(self):
+        dev = self.ctx.device
+        return dev.name if dev is not None else None
 
     def _submit_all(self, bios):
         submit = self.origin.submit
         for b in bios:
+            if trace.ENABLED:
+                first, end = b.private
+                trace.emit("era_write", dev=self._dev_name(), key=id(self.tracker), bio=b.id,
+                           first=first, end=end)
             submit(b)
 
     @property
@@ -130,6 +149,9 @@ class EraTarget(Target):
         first = rel // self.block_size
         end = (rel + bio.nr_sectors - 1) // self.block_size + 1
         if self.committed.find(0, first, end) < 0:
+            if trace.ENABLED:
+                trace.emit("era_write", dev=self.ctx.device.name, key=id(self.tracker),
+                           bio=bio.id, first=first, end=end)
             return REMAPPED
         bio.private = (first, end)
         self._defer(bio)
@@ -160,6 +182,8 @@ class EraTarget(Target):
         if self.tracker is not None:         # None if the constructor failed early
             self.worker.stop()
             self.tracker.close()
+            if trace.ENABLED:
+                trace.emit("era_dtr", dev=self._dev_name(), key=id(self.tracker))
 
     # ------------------------------------------------------------ control
     def message(self, argv):
@@ -170,8 +194,18 @@ class EraTarget(Target):
             raise TargetError("era target is not active", errno.EINVAL)
         if cmd in ("checkpoint", "take_metadata_snap"):
             with self.ctx.quiesce():
-                self._change(self.tracker.rollover if cmd == "checkpoint"
-                             else self.tracker.take_snap)
+                if trace.ENABLED:
+                    trace.emit("era_checkpoint_begin", dev=self._dev_name(),
+                               key=id(self.tracker), op=cmd)
+                ok = False
+                try:
+                    self._change(self.tracker.rollover if cmd == "checkpoint"
+                                 else self.tracker.take_snap)
+                    ok = True
+                finally:
+                    if trace.ENABLED:
+                        trace.emit("era_checkpoint_done", dev=self._dev_name(),
+                                   key=id(self.tracker), op=cmd, ok=ok)
             self.ctx.event()
             return None
         if cmd == "drop_metadata_snap":

@@ -14,6 +14,13 @@ Rules of this module:
   path never lets a write through on an uncommitted mark.  It is one
   bitarray for the tracker's life, changed in place.
 * ``generation`` bumps on every mark or era change (the dirty-map cache key).
+* Trace events (the era_commit monitor, docs/rv/era_commit.md), keyed by
+  ``id(tracker)``: ``era_marks_committed`` (dev, key, ranges) right after a
+  successful commit of marks and before ``committed`` shows them;
+  ``era_rollover`` (dev, key, nr_blocks) once ``committed`` is cleared for a
+  new era; ``era_marks_loaded`` (dev, key, nr_blocks, ranges) with what
+  ``back_to_last_commit`` read, before ``committed`` is refilled from it.
+  Ranges are (first, end) era-block runs, computed only when tracing.
 
 A metadata change that fails part-way (out of space, an I/O error) goes
 back to the last commit (``back_to_last_commit``): a message fails with the
@@ -33,12 +40,26 @@ import time
 
 from bitarray import bitarray
 
+from pydm import trace
 from pydm.errors import PydmError, TargetError
 from pydm.worker import Worker
 
 log = logging.getLogger("pydm.era")
 
 METADATA_BLOCK_SECTORS = 8
+
+
+def _runs(bits):
+    """(first, end) runs of set bits (for trace events only)."""
+    out = []
+    pos = bits.find(1)
+    while pos >= 0:
+        end = bits.find(0, pos)
+        if end < 0:
+            end = len(bits)
+        out.append((pos, end))
+        pos = bits.find(1, end)
+    return out
 
 
 def open_metadata(store, block_size, nr_blocks):
@@ -83,6 +104,10 @@ class EraTracker:
         self.worker = Worker("pydm-era", self.process_writes, step=self.digest_step,
                              send=send, lock_class="target")
 
+    def _dev_name(self):
+        dev = self.ctx.device
+        return dev.name if dev is not None else None
+
     def close(self):
         md, self.md = self.md, None
         if md is not None:
@@ -110,6 +135,10 @@ class EraTracker:
                 for b in bios:
                     b.complete(errno.EIO)
                 return None
+            if trace.ENABLED:
+                # before the fast path can see the marks (the monitor's order)
+                trace.emit("era_marks_committed", dev=self._dev_name(), key=id(self),
+                           ranges=new)
             for first, end in new:
                 committed[first:end] = 1
             self.generation += 1
@@ -157,6 +186,11 @@ class EraTracker:
         if old is not None:
             old.close()
         bits = md.current_bits
+        if trace.ENABLED:
+            # before the fast path can see them (the monitor's order)
+            n = min(md.sb.ws_nr_bits, self.nr_blocks) if bits is not None else 0
+            trace.emit("era_marks_loaded", dev=self._dev_name(), key=id(self),
+                       nr_blocks=self.nr_blocks, ranges=_runs(bits[:n]) if n else [])
         self.committed.setall(0)
         if bits is not None:
             n = min(md.sb.ws_nr_bits, self.nr_blocks)
@@ -205,6 +239,9 @@ class EraTracker:
         self.md.checkpoint()
         self.md.commit()
         self.committed.setall(0)
+        if trace.ENABLED:
+            trace.emit("era_rollover", dev=self._dev_name(), key=id(self),
+                       nr_blocks=self.nr_blocks)
         self.generation += 1
         self.worker.kick()               # digest the writeset just archived
 

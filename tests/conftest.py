@@ -17,24 +17,27 @@ from pydm.verify.session import Session  # noqa: E402
 _rv = None
 
 
+def _report_line(monitor, text):
+    path = os.environ.get("PYDM_RV_REPORT")
+    if path:
+        import json
+        with open(path, "a") as f:
+            f.write(json.dumps({"monitor": monitor, "report": text}) + "\n")
+
+
 def pytest_configure(config):
     global _rv
     _rv = Session()
     _rv.enable([n for n in _rv.available() if n != "lockdep"], reactor="raise")
+    if os.environ.get("PYDM_RV_REPORT"):
+        for m in _rv.monitors.values():
+            m.listener = lambda v: _report_line(v.monitor, str(v))
 
 
 def pytest_unconfigure(config):
     if _rv is None:
         return
     _rv.end_check()
-    path = os.environ.get("PYDM_RV_REPORT")
-    if path:
-        import json
-        out = {}
-        for v in _rv.violations():
-            out.setdefault(v.monitor, []).append(str(v))
-        with open(path, "w") as f:
-            json.dump(out, f, indent=1)
     _rv.close()
 
 
@@ -49,6 +52,8 @@ def _no_lock_order_reports():
     before = len(lockdep.reports)
     yield
     new = lockdep.reports[before:]
+    for text in new:
+        _report_line("lockdep", text)
     assert not new, "lock-order checker reported:\n" + "\n".join(new)
 
 

@@ -13,7 +13,7 @@ import sys
 from pydm import __version__
 from pydm.errors import PydmError
 
-GROUPS = ("serve", "dm", "era", "wb", "lw")
+GROUPS = ("serve", "dm", "era", "wb", "lw", "rv")
 
 
 class _Parser(argparse.ArgumentParser):

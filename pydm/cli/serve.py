@@ -2,6 +2,7 @@
 
 import logging
 import os
+import sys
 
 from pydm.errors import PydmError
 from pydm.paths import default_socket_path, socket_path
@@ -51,12 +52,38 @@ def register(sub):
     nbd.add_argument("--nbd-workers", type=int, default=None, metavar="N",
                      help="most worker threads per connection, for large requests and "
                           "replies completed elsewhere (default 4)")
+    rv = p.add_argument_group("runtime verification")
+    rv.add_argument("--rv", metavar="NAMES",
+                    help="monitors to run from the start: 'all' or a comma-separated "
+                         "list (pydm rv list names them; 'lockdep' switches the "
+                         "lock-order checker on for this daemon)")
+    rv.add_argument("--rv-reactor", choices=("record", "log", "raise", "abort"),
+                    default="log",
+                    help="what a violation does: record (pydm rv status shows it), log "
+                         "(also an error line; the default), raise (fail the event's "
+                         "caller), abort (stop the daemon with a core)")
+    rv.add_argument("--rv-events", metavar="FILE",
+                    help="record every trace event to FILE as JSON lines, for "
+                         "pydm rv replay")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.set_defaults(func=run)
     return p
 
 
+def _rv_setup(args):
+    """Turn the lock-order checker on before any lock exists, when asked."""
+    if not args.rv:
+        return None
+    names = [n.strip() for n in args.rv.split(",") if n.strip()]
+    if not names:
+        raise PydmError("--rv needs 'all' or monitor names")
+    if ("all" in names or "lockdep" in names) and "pydm.lockdep" not in sys.modules:
+        os.environ.setdefault("PYDM_LOCKDEP", "1")
+    return names
+
+
 def run(args):
+    rv_names = _rv_setup(args)
     from pydm import demo
     from pydm.config import load_config
     from pydm.daemon import Daemon
@@ -68,7 +95,16 @@ def run(args):
         specs = load_config(args.config)
     else:
         specs = demo.demo_specs(args.state_dir or demo.default_state_dir())
-    daemon = Daemon(socket_path(args.socket, create=True))
+    from pydm.verify.eventlog import EventLog
+    from pydm.verify.session import RVError, default as rv_session
+    rv = rv_session()
+    events = EventLog(args.rv_events).start() if args.rv_events else None
+    if rv_names:
+        try:
+            rv.enable(rv_names, args.rv_reactor)
+        except RVError as e:
+            raise PydmError(f"--rv: {e}") from None
+    daemon = Daemon(socket_path(args.socket, create=True), rv=rv)
     nbd = None if args.no_nbd else nbd_service(daemon.control, args)
     if nbd is not None:
         daemon.add_service(nbd)
@@ -84,7 +120,11 @@ def run(args):
     where = f"; NBD on {nbd.uri()}" if nbd is not None else ""
     print(f"pydm: serving devices: {names}; control socket {daemon.socket_path}{where} "
           f"(pid {os.getpid()})", flush=True)
-    daemon.run()
+    try:
+        daemon.run()
+    finally:
+        if events is not None:
+            events.close()
     return 0
 
 

@@ -114,6 +114,7 @@ class Monitor:
         self.shadow = spec.shadow()
         self.events_seen = 0
         self.clock = None             # set by the session when the model has clocks
+        self.listener = None          # called with each violation (a report file)
         self._lock = make_raw_lock()
         self._per_object = spec.scope == "per_object"
         self._invariants = {s: self.params[p] for s, p in self.model.invariants.items()}
@@ -137,8 +138,9 @@ class Monitor:
             if handler is not None:
                 pairs = handler(fields, self.shadow)
                 if pairs:
+                    now = fields.get("t")
                     for key, mev in pairs:
-                        v = self._step(key, mev, ev)
+                        v = self._step(key, mev, ev, now)
                         if v is not None:
                             bad.append(v)
             ender = self.spec.end_on.get(ev)
@@ -147,7 +149,7 @@ class Monitor:
         for v in bad:
             self._react(v)
 
-    def _step(self, key, mev, trace_ev):
+    def _step(self, key, mev, trace_ev, now=None):
         model = self.model
         st = self.instances.get(key)
         if mev in self.spec.reset:
@@ -173,7 +175,7 @@ class Monitor:
             return v
         if nxt != st or key not in self.instances:
             if self._invariants:
-                self._arm(key, nxt)
+                self._arm(key, nxt, now)
         if self._per_object and nxt in model.finals and not model.has_exits(nxt):
             self._drop(key, nxt)
         else:
@@ -190,12 +192,12 @@ class Monitor:
         if len(self.finished) > REMEMBERED:
             self.finished.popitem(last=False)
 
-    def _arm(self, key, state):
+    def _arm(self, key, state, now=None):
         limit = self._invariants.get(state)
         if limit is None:
             self.deadlines.pop(key, None)
         else:
-            self.deadlines[key] = (time.monotonic() + limit, state)
+            self.deadlines[key] = ((time.monotonic() if now is None else now) + limit, state)
             if self.clock is not None:
                 self.clock.poke()
 
@@ -239,6 +241,8 @@ class Monitor:
 
     def _react(self, v, final=False):
         self.violations.append(v)
+        if self.listener is not None:
+            self.listener(v)
         react(self.reactor, v, in_emitter=not final)
 
     def clear(self):

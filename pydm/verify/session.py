@@ -9,6 +9,7 @@ locks are checked from their creation).  Sessions take only their own raw
 lock and never call into pydm while holding it.
 """
 
+import contextlib
 import threading
 import time
 
@@ -57,6 +58,27 @@ class LockdepMonitor:
             m.set_params(**params)
         except ValueError as e:
             raise RVError(str(e)) from None
+
+    @contextlib.contextmanager
+    def expect(self, *names):
+        """For a test that breaks a rule on purpose: these monitors record
+        instead of raising inside, and what they report there is handed to
+        the caller (a list) and taken out of the session's violations."""
+        mons = []
+        for n in names:
+            m = self.monitors.get(n)
+            if m is None:
+                raise RVError(f"monitor {n} is not enabled")
+            mons.append((m, m.reactor, len(m.violations)))
+            m.reactor = "record"
+        seen = []
+        try:
+            yield seen
+        finally:
+            for m, old, before in mons:
+                m.reactor = old
+                seen.extend(m.violations[before:])
+                del m.violations[before:]
 
     def close(self):
         lockdep.set_reactor("record")
@@ -108,6 +130,10 @@ class Session:
             names.append("lockdep")
         return names
 
+    def names(self, names):
+        """Monitor names (with ``all`` expanded), or RVError for an unknown one."""
+        return self._names(names)
+
     def _names(self, names):
         if isinstance(names, str):
             names = [names]
@@ -130,7 +156,9 @@ class Session:
         return reactor
 
     # ---------------------------------------------------------- control
-    def enable(self, names, reactor="record", params=None):
+    def enable(self, names, reactor="record", params=None, clock=True):
+        """Attach fresh monitors; ``clock=False`` (offline replay) leaves
+        clock invariants to the caller's ``expire`` on recorded times."""
         self._reactor(reactor)
         todo = self._names(names)
         with self._lock:
@@ -142,7 +170,7 @@ class Session:
                     continue
                 spec = self.specs[n]
                 m = Monitor(spec, reactor, (params or {}).get(n))
-                if m.model.invariants:
+                if m.model.invariants and clock:
                     if self.clock is None:
                         self.clock = Clock()
                     m.clock = self.clock
@@ -186,6 +214,27 @@ class Session:
             m.set_params(**params)
         except ValueError as e:
             raise RVError(str(e)) from None
+
+    @contextlib.contextmanager
+    def expect(self, *names):
+        """For a test that breaks a rule on purpose: these monitors record
+        instead of raising inside, and what they report there is handed to
+        the caller (a list) and taken out of the session's violations."""
+        mons = []
+        for n in names:
+            m = self.monitors.get(n)
+            if m is None:
+                raise RVError(f"monitor {n} is not enabled")
+            mons.append((m, m.reactor, len(m.violations)))
+            m.reactor = "record"
+        seen = []
+        try:
+            yield seen
+        finally:
+            for m, old, before in mons:
+                m.reactor = old
+                seen.extend(m.violations[before:])
+                del m.violations[before:]
 
     def close(self):
         self.disable([n for n in list(self.monitors)])

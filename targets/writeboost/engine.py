@@ -23,6 +23,7 @@ Rules of this module:
 import errno
 import logging
 
+from pydm import trace
 from pydm.lockdep import make_condition
 from pydm.targets.writeboost import layout as L
 from pydm.targets.writeboost.logwriter import Failed, LogWriter
@@ -89,6 +90,8 @@ class Engine:
             while self.writes_in_flight:
                 self.cond.wait()
             first = self.life.fail(err, store, op, sector)
+            if first and trace.ENABLED:
+                trace.emit("wb_fail", eng=id(self), errno=err, store=store, op=op, sector=sector)
             self.failing = False
             self.cond.notify_all()
         if first:
@@ -125,6 +128,8 @@ class Engine:
         if not self.begin_write():
             return errno.EIO
         try:
+            if trace.ENABLED:
+                trace.emit("wb_store_io", eng=id(self), store="cache", op="flush")
             self.cache.flush()
         except IOFailed as e:
             self.end_write()

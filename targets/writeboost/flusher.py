@@ -22,6 +22,7 @@ Rules of this module:
 
 import errno
 
+from pydm import trace
 from pydm.worker import Worker
 from pydm.devio import IOFailed
 
@@ -54,6 +55,8 @@ class Flusher:
                 break
             try:
                 buf = index.buffer_of(seg_id)
+                if trace.ENABLED:
+                    trace.emit("wb_store_io", eng=id(eng), store="cache", op="write", seg=seg_id)
                 eng.cache.write(index.geo.segment_offset(seg_id), memoryview(buf)[:nbytes])
             except IOFailed as e:
                 err = e
@@ -71,7 +74,11 @@ class Flusher:
         if ok and barriers:
             if eng.begin_write():
                 try:
+                    if trace.ENABLED:
+                        trace.emit("wb_store_io", eng=id(eng), store="cache", op="flush")
                     eng.cache.flush()
+                    if trace.ENABLED:       # segments up to ``written`` are durable
+                        trace.emit("wb_durable", eng=id(eng), seg=written)
                 except IOFailed as e:
                     err = e
                     ok = False
@@ -86,4 +93,6 @@ class Flusher:
     @staticmethod
     def _ack(acks):
         for barrier, status in acks:
+            if trace.ENABLED:
+                trace.emit("wb_ack", bar=getattr(barrier, "id", -id(barrier)), status=status)
             barrier.complete(status)

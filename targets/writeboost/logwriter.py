@@ -24,6 +24,7 @@ import logging
 
 import numpy as np
 
+from pydm import trace
 from pydm.bio import REQ_FUA
 from pydm.targets.writeboost import layout as L
 from pydm.targets.writeboost.cache import NR_BUFFERS
@@ -247,6 +248,10 @@ class LogWriter:
         nbytes = index.seal()
         if barriers and not full:
             index.count_non_full_flushed += 1
+        if trace.ENABLED and barriers:
+            for b in barriers:          # bar: a bio's id, or -id() of a sync's Waiter
+                trace.emit("wb_bind", eng=id(self.engine), bar=getattr(b, "id", -id(b)),
+                           seg=index.last_sealed)
         self.engine.flusher.add((index.last_sealed, nbytes, barriers))
 
     def flush(self, bio) -> int:

@@ -18,10 +18,15 @@ path), ``reads``, ``flusher``, ``writeback``,
 * Discard and write-zeroes are not offered (the Linux target's choice:
   discarding only the backing would break read-after-discard); flush and
   FUA are, with the durability the engine's rules give them.
+* Trace events (``wb_*``, an engine named by ``id(engine)``, listed in
+  ``pydm/verify/specs/writeboost.py``) mark the points the writeboost
+  monitors check; they are emitted only under ``trace.ENABLED`` and change
+  nothing.
 """
 
 import errno
 
+from pydm import trace
 from pydm.bio import FLUSH, READ
 from pydm.caps import Caps, combine
 from pydm.errors import TargetError
@@ -97,6 +102,8 @@ class WriteboostTarget(Target):
         self.ticker.start()
         with eng.cond:
             eng.life.move("start")
+            if trace.ENABLED:
+                trace.emit("wb_start", eng=id(eng))
         self.writeback.kick()
 
     def postsuspend(self):
@@ -119,6 +126,8 @@ class WriteboostTarget(Target):
             eng.cond.notify_all()
         self.writeback.stop()
         self.flusher.stop()
+        if trace.ENABLED:
+            trace.emit("wb_stop", eng=id(eng))
 
     # ------------------------------------------------------------- I/O
     def map(self, bio):
@@ -140,11 +149,16 @@ class WriteboostTarget(Target):
             if bio.nr_sectors:
                 bio.sector -= self.begin
             return REMAPPED
+        if trace.ENABLED and eng.life.failed:
+            trace.emit("wb_late", eng=id(eng), bio=bio.id)
         if op == FLUSH:
             status = eng.writer.flush(bio)
         else:
             status = eng.writer.write(bio, bio.sector - self.begin)
         if status is not None:
+            if trace.ENABLED:
+                trace.emit("wb_done", eng=id(eng), bio=bio.id, op=op, flags=bio.flags,
+                           status=status)
             bio.complete(status)
         return SUBMITTED
 

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 
+from pydm import trace
 from pydm.lockdep import make_event
 from pydm.targets.writeboost import layout as L
 from pydm.devio import IOFailed
@@ -71,6 +72,8 @@ class Ticker:
         if value == self._recorded or not eng.begin_write():
             return
         try:
+            if trace.ENABLED:
+                trace.emit("wb_store_io", eng=id(eng), store="cache", op="write")
             eng.cache.write(L.RECORD_BLOCK_OFFSET, L.record_block(value), fua=True)
         except IOFailed as e:
             eng.end_write()

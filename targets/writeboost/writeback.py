@@ -22,6 +22,7 @@ Rules of this module:
 import errno
 import time
 
+from pydm import trace
 from pydm.worker import Worker
 from pydm.targets.writeboost import layout as L
 from pydm.devio import IOFailed
@@ -88,6 +89,8 @@ class Writeback:
                 if index.segment_of(idx) == seg_id:
                     index.make_clean(idx)
             index.last_writeback = first + n - 1
+            if trace.ENABLED:
+                trace.emit("wb_advance", eng=id(eng), upto=first + n - 1)
             self.last_batch = n
             if index.last_writeback >= index.current_id + 1 - index.geo.nr_segments:
                 eng.urged = False
@@ -133,8 +136,14 @@ class Writeback:
         if not eng.begin_write():
             raise IOFailed(errno.EIO, "backing", "write", writes[0][0] // SECTOR)
         try:
+            if trace.ENABLED:
+                trace.emit("wb_store_io", eng=id(eng), store="backing", op="write")
             eng.backing.write_many(writes)
+            if trace.ENABLED:
+                trace.emit("wb_store_io", eng=id(eng), store="backing", op="flush")
             eng.backing.flush()
+            if trace.ENABLED:
+                trace.emit("wb_backing_flushed", eng=id(eng))
         finally:
             eng.end_write()
 

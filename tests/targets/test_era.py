@@ -256,13 +256,22 @@ def _slow_origin(c, tmp, ms):
 
 
 @pytest.mark.parametrize("quiesce", [True, False])
-def test_review_race_write_in_flight_at_checkpoint(env, monkeypatch, quiesce):
+def test_review_race_write_in_flight_at_checkpoint(env, monkeypatch, quiesce, rv_session):
     """A write already past map (block marked in era N) is in flight when
     checkpoint and take_metadata_snap arrive.  With the quiesce it lands before
     the new era starts, so the backup taken at the snapshot has it; without it,
-    it lands afterwards and no era from the new one on records it."""
-    if not quiesce:
-        without_quiesce(monkeypatch)
+    it lands afterwards and no era from the new one on records it (and the
+    era_drain monitor says so)."""
+    if quiesce:
+        _race_at_checkpoint(env, quiesce)
+        return
+    without_quiesce(monkeypatch)
+    with rv_session.expect("era_drain", "era_commit") as seen:
+        _race_at_checkpoint(env, quiesce)
+    assert any("checkpoint_busy" in str(v) for v in seen), [str(v) for v in seen]
+
+
+def _race_at_checkpoint(env, quiesce):
     c, tmp = env
     dev = c.create("e", era_table(tmp, _slow_origin(c, tmp, 300)))
     assert write_block(dev, 42, b"1") == 0         # marks block 42 in era 1
@@ -349,12 +358,15 @@ def test_randomised_checkpoints_never_miss_a_write(env):
     assert _missed(c, writes, checkpoints) == []
 
 
-def test_without_quiesce_the_random_run_misses_writes(env, monkeypatch):
+def test_without_quiesce_the_random_run_misses_writes(env, monkeypatch, rv_session):
     without_quiesce(monkeypatch)
     c, tmp = env
-    dev = c.create("e", era_table(tmp, _slow_origin(c, tmp, 20)))
-    writes, checkpoints = _random_writers_with_checkpoints(c, dev, 50, seed=2)
-    assert _missed(c, writes, checkpoints)
+    with rv_session.expect("era_drain", "era_commit") as seen:
+        dev = c.create("e", era_table(tmp, _slow_origin(c, tmp, 20)))
+        writes, checkpoints = _random_writers_with_checkpoints(c, dev, 50, seed=2)
+        assert _missed(c, writes, checkpoints)
+        c.remove("e")
+    assert seen              # the monitor saw it too, without any data check
 
 
 def _tight_era(c, tmp, monkeypatch):
