@@ -281,6 +281,8 @@ class Session:
                 "instances": len(m.instances) if hasattr(m, "instances") else None,
                 "violations": len(vs),
                 "last": str(vs[-1]) if vs else None,
+                "first_at": vs[0].time if vs else None,
+                "last_at": vs[-1].time if vs else None,
             })
         return rows
 
