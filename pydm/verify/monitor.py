@@ -108,7 +108,8 @@ class Monitor:
         self.params = dict(spec.params, **(params or {}))
         self.instances = {}           # key -> state
         self.history = {}             # key -> deque of "trace:model" strings
-        self.finished = collections.OrderedDict()   # key -> final state (or None: violated)
+        self.finished = collections.OrderedDict()   # key -> (final state or None: violated,
+                                                    #         its last events)
         self.deadlines = {}           # key -> (monotonic deadline, state)
         self.violations = []
         self.shadow = spec.shadow()
@@ -118,6 +119,13 @@ class Monitor:
         self._lock = make_raw_lock()
         self._per_object = spec.scope == "per_object"
         self._invariants = {s: self.params[p] for s, p in self.model.invariants.items()}
+
+    def state_of(self, key):
+        """The state of an instance (live, or dropped at a final state), or None."""
+        with self._lock:
+            if key in self.instances:
+                return self.instances[key]
+            return self.finished.get(key, (None,))[0]
 
     def set_params(self, **params):
         """Change clock thresholds (seconds); applies to states entered after."""
@@ -157,9 +165,10 @@ class Monitor:
             self.finished.pop(key, None)
         elif st is None:
             if key in self.finished:
-                st = self.finished[key]
+                st, old = self.finished[key]
                 if st is None:
                     return None           # already reported: ignored
+                self.history[key] = collections.deque(old, maxlen=HISTORY)
             elif self._per_object and mev not in self.spec.start:
                 return None               # not being monitored
             else:
@@ -185,9 +194,9 @@ class Monitor:
 
     def _drop(self, key, final_state):
         self.instances.pop(key, None)
-        self.history.pop(key, None)
+        hist = self.history.pop(key, None)
         self.deadlines.pop(key, None)
-        self.finished[key] = final_state
+        self.finished[key] = (final_state, tuple(hist) if hist and final_state else ())
         self.finished.move_to_end(key)
         if len(self.finished) > REMEMBERED:
             self.finished.popitem(last=False)

@@ -227,5 +227,4 @@ def test_a_real_era_run_is_quiet_and_feeds_both_monitors(tmp_path, rv_session, m
         c.shutdown()
     assert drain.events_seen - seen[0] > 20 and commit.events_seen - seen[1] > 10
     # both trackers reached ``gone`` (the suite's teardown check sees any report)
-    assert not any(k in m.instances for k in keys for m in (drain, commit))
-    assert all(m.finished.get(k) == "gone" for k in keys for m in (drain, commit))
+    assert all(m.state_of(k) == "gone" for k in keys for m in (drain, commit))

@@ -218,5 +218,5 @@ def test_a_real_writeboost_run_is_quiet_and_seen(tmp_path, rv_session):
                      "wb_stop"}, names
     assert any(e["event"] == "wb_bind" and e["bar"] < 0 for e in rec.events)  # the suspend
     eng = rec.named("wb_start")[0]["eng"]      # its engine ended destroyed
-    assert rv_session.monitors["wb_failed"].instances[eng] == "stopped"
-    assert rv_session.monitors["wb_writeback"].instances[eng] == "stopped"
+    assert rv_session.monitors["wb_failed"].state_of(eng) == "stopped"
+    assert rv_session.monitors["wb_writeback"].state_of(eng) == "stopped"
