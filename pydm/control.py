@@ -177,7 +177,7 @@ class Control:
             dev = MappedDevice(name, uuid, readonly)
             dev.minor = next(self._minors)
             self._devices[name] = dev
-        if trace.ENABLED:
+        if trace.on.dev_create:
             trace.emit("dev_create", dev=name, minor=dev.minor)
         if table is not None:
             try:

@@ -70,7 +70,7 @@ class MappedDevice:
             self._deferred.append(bio)
             # Emitted under the lock: once released, a resume may resubmit
             # the bio and its bio_submit must not be seen before this.
-            if trace.ENABLED:
+            if trace.on.bio_defer:
                 trace.emit("bio_defer", dev=self.name, minor=self.minor, bio=bio.id)
             lock.release()
             return
@@ -81,13 +81,13 @@ class MappedDevice:
             return
         self._inflight += 1
         lock.release()
-        if trace.ENABLED:
+        if trace.on.bio_submit:
             trace.emit("bio_submit", dev=self.name, minor=self.minor, bio=bio.id, op=bio.op,
                        flags=bio.flags, sector=bio.sector, nr=bio.nr_sectors)
         route(self, table, bio)
 
     def _fail(self, bio, status=errno.EIO):
-        if trace.ENABLED:
+        if trace.on.bio_complete:
             trace.emit("bio_complete", dev=self.name, minor=self.minor, bio=bio.id,
                        status=status)
         bio.complete(status)
@@ -99,12 +99,12 @@ class MappedDevice:
                 if self.noflush_suspending or self._quiescing:
                     self._deferred.appendleft(bio)
                     self._dec_inflight()
-                    if trace.ENABLED:
+                    if trace.on.bio_requeue:
                         trace.emit("bio_requeue", dev=self.name, minor=self.minor, bio=bio.id)
                     return
             status = errno.EIO
         try:
-            if trace.ENABLED:
+            if trace.on.bio_complete:
                 trace.emit("bio_complete", dev=self.name, minor=self.minor, bio=bio.id,
                        status=status)
             bio.complete(status)
@@ -192,7 +192,7 @@ class MappedDevice:
                 if left is not None and left <= 0:
                     return False
                 self._drained.wait(left)
-        if trace.ENABLED:
+        if trace.on.dev_drained:
             trace.emit("dev_drained", dev=self.name, minor=self.minor)
         return True
 
@@ -249,7 +249,7 @@ class MappedDevice:
             old, self.inactive = self.inactive, table
             if old is not None:
                 old.destroy()
-            if trace.ENABLED:
+            if trace.on.dev_load:
                 trace.emit("dev_load", dev=self.name, minor=self.minor)
 
     def clear(self) -> None:
@@ -258,7 +258,7 @@ class MappedDevice:
             old, self.inactive = self.inactive, None
             if old is not None:
                 old.destroy()
-            if trace.ENABLED:
+            if trace.on.dev_clear:
                 trace.emit("dev_clear", dev=self.name, minor=self.minor)
 
     def suspend(self, noflush: bool = False, timeout=None) -> None:
@@ -271,7 +271,7 @@ class MappedDevice:
             self._suspend(noflush, timeout)
 
     def _suspend(self, noflush, timeout=None):
-        if trace.ENABLED:
+        if trace.on.dev_suspend_begin:
             trace.emit("dev_suspend_begin", dev=self.name, minor=self.minor, noflush=noflush)
         self.noflush_suspending = noflush
         done = []
@@ -284,7 +284,7 @@ class MappedDevice:
                 t.presuspend_undo()
             self.noflush_suspending = False
             raise DMError(f"{self.name}: presuspend failed: {e}", errno.EIO) from None
-        if trace.ENABLED:
+        if trace.on.dev_presuspend:
             trace.emit("dev_presuspend", dev=self.name, minor=self.minor)
         self._block_io()
         if not self._wait_drained(timeout):
@@ -301,7 +301,7 @@ class MappedDevice:
                 t.postsuspend()
             except Exception:
                 log.exception("%s: %s postsuspend failed", self.name, t.name)
-        if trace.ENABLED:
+        if trace.on.dev_suspended:
             trace.emit("dev_suspended", dev=self.name, minor=self.minor)
 
     def resume(self, noflush: bool = False) -> None:
@@ -312,14 +312,14 @@ class MappedDevice:
                     return
                 if self.live is None:
                     raise DMError(f"{self.name}: cannot resume without a table")
-            if trace.ENABLED:
+            if trace.on.dev_resume_begin:
                 trace.emit("dev_resume_begin", dev=self.name, minor=self.minor)
             if self.inactive is not None:
                 if self.live is not None and not self.suspended:
                     self._suspend(noflush)
                 old, self.live = self.live, self.inactive
                 self.inactive = None
-                if trace.ENABLED:
+                if trace.on.dev_swap:
                     trace.emit("dev_swap", dev=self.name, minor=self.minor)
                 if old is not None:
                     self._retire(old)
@@ -340,7 +340,7 @@ class MappedDevice:
             self.suspended = False
             self._ever_resumed = True
             self._unblock_io()
-            if trace.ENABLED:
+            if trace.on.dev_resumed:
                 trace.emit("dev_resumed", dev=self.name, minor=self.minor)
         self.raise_event()
 
@@ -356,7 +356,7 @@ class MappedDevice:
         with self.control_lock:
             if self.dead:
                 return
-            if trace.ENABLED:
+            if trace.on.dev_remove_begin:
                 trace.emit("dev_remove_begin", dev=self.name, minor=self.minor)
             if self.live is not None and not self.suspended:
                 try:
@@ -372,11 +372,11 @@ class MappedDevice:
                 if table is not None:
                     self._retire(table)
             self.inactive = None
-            if trace.ENABLED:
+            if trace.on.dev_remove:
                 trace.emit("dev_remove", dev=self.name, minor=self.minor)
         for bio in held:
             self._fail(bio)
-        if trace.ENABLED:
+        if trace.on.dev_gone:
             trace.emit("dev_gone", dev=self.name, minor=self.minor)
         self.raise_event()
 

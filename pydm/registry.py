@@ -68,7 +68,7 @@ class TargetRegistry:
                               f"table(s)", errno.EBUSY)
             if self._types.pop(name, None) is None:
                 raise DMError(f"target type {name} not registered", errno.ENOENT)
-            if trace.ENABLED:
+            if trace.on.target_unload:
                 trace.emit("target_unload", type=name)
 
     def get(self, name: str):
@@ -86,14 +86,14 @@ class TargetRegistry:
         cls = self.get(name)
         with self._lock:
             self._refs[name] = self._refs.get(name, 0) + 1
-            if trace.ENABLED:
+            if trace.on.target_get:
                 trace.emit("target_get", type=name)
         return cls
 
     def release(self, name: str) -> None:
         with self._lock:
             n = self._refs.get(name, 0) - 1
-            if trace.ENABLED:
+            if trace.on.target_put:
                 trace.emit("target_put", type=name)
             if n > 0:
                 self._refs[name] = n

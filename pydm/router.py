@@ -62,7 +62,7 @@ def _clone_done(clone):
     io = clone.io
     status = clone.status
     t = clone.target
-    if trace.ENABLED:
+    if trace.on.clone_complete:
         trace.emit("clone_complete", dev=io.dev.name, bio=io.orig.id, clone=clone.id,
                    target=t.name, op=clone.op, status=status)
     if t.end_io is not None:
@@ -91,7 +91,7 @@ def _dispatch(t, clone, dev):
     except Exception:
         log.exception("%s: map failed", t.name)
         r = KILL
-    if trace.ENABLED:
+    if trace.on.bio_remap:
         trace.emit("bio_remap", dev=dev.name, bio=clone.io.orig.id, clone=clone.id, op=clone.op,
                    target=t.name, result=r)
     if r == REMAPPED:

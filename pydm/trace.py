@@ -1,7 +1,8 @@
 """Structured trace events at fixed points, behind one switch.
 
-Rules of this module: call sites read ``if trace.ENABLED: trace.emit(...)`` so
-a disabled trace costs one attribute load.  ``emit`` hands each event to the
+Rules of this module: call sites read ``if trace.on.NAME: trace.emit("NAME", ...)``
+(or ``trace.ENABLED`` for "any sink at all") so an event no sink takes costs
+two attribute loads.  Every event name is declared in ``EVENTS``.  ``emit`` hands each event to the
 attached sinks that take it (each sink names its events, or takes all),
 synchronously, in the emitting thread; sinks must not take pydm locks (they
 run inside the I/O and control paths).
@@ -14,7 +15,7 @@ Event names used by the core (fields in parentheses):
 * device: ``dev_create``, ``dev_load``, ``dev_clear``, ``dev_suspend_begin``,
   ``dev_presuspend``, ``dev_drained``, ``dev_suspended``, ``dev_resume_begin``,
   ``dev_resumed``, ``dev_remove``, ``op_refused`` (op, errno);
-* targets add their own (``era_checkpoint_begin``, ``era_drained``, ...).
+* targets add their own (``era_*``, ``wb_*``: see the monitors in ``pydm/verify/specs``).
 """
 
 import itertools
@@ -26,6 +27,65 @@ from pydm.lockdep import make_raw_lock
 
 ENABLED = os.environ.get("PYDM_TRACE", "") not in ("", "0")
 
+EVENTS = (
+    "bio_complete",
+    "bio_defer",
+    "bio_remap",
+    "bio_requeue",
+    "bio_submit",
+    "clone_complete",
+    "dev_clear",
+    "dev_create",
+    "dev_drained",
+    "dev_gone",
+    "dev_load",
+    "dev_presuspend",
+    "dev_remove",
+    "dev_remove_begin",
+    "dev_resume_begin",
+    "dev_resumed",
+    "dev_suspend_begin",
+    "dev_suspended",
+    "dev_swap",
+    "era_checkpoint_begin",
+    "era_checkpoint_done",
+    "era_defer",
+    "era_dtr",
+    "era_init",
+    "era_marks_committed",
+    "era_marks_loaded",
+    "era_rollover",
+    "era_write",
+    "target_get",
+    "target_put",
+    "target_unload",
+    "wb_ack",
+    "wb_advance",
+    "wb_backing_flushed",
+    "wb_bind",
+    "wb_done",
+    "wb_durable",
+    "wb_fail",
+    "wb_late",
+    "wb_start",
+    "wb_stop",
+    "wb_store_io",
+)
+
+
+class _On:
+    """One flag per event: does any sink take it.  Call sites read
+    ``if trace.on.NAME:`` so an event nobody listens to costs two
+    attribute loads, not the building of its fields."""
+
+    __slots__ = EVENTS
+
+    def __init__(self):
+        for name in EVENTS:
+            setattr(self, name, False)
+
+
+on = _On()
 _sinks = []                     # (sink, events or None)
 _routes = {}                    # event name -> tuple of sinks that take it
 _catch_all = ()                 # sinks that take every event
@@ -54,12 +114,17 @@ def _rebuild() -> None:
             routes.setdefault(ev, list(catch_all)).append(s)
     _routes = {ev: tuple(v) for ev, v in routes.items()}
     _catch_all = catch_all
+    for name in EVENTS:
+        setattr(on, name, bool(catch_all) or name in _routes)
     ENABLED = bool(_sinks) or os.environ.get("PYDM_TRACE", "") not in ("", "0")
 
 
 def attach(sink, events=None) -> None:
     """Add a callable(fields) and switch tracing on.  With ``events`` (names)
     the sink is only called for those events."""
+    unknown = set(events or ()) - set(EVENTS)
+    if unknown:
+        raise ValueError(f"no trace event {sorted(unknown)[0]!r} (see pydm.trace.EVENTS)")
     with _sink_lock:
         _sinks.append((sink, frozenset(events) if events is not None else None))
         _rebuild()

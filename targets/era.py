@@ -115,7 +115,7 @@ class EraTarget(Target):
         self.committed = self.tracker.committed      # read by the fast path
         self._defer = self.worker.add
         self._status_cache = "Error"
-        if trace.ENABLED:
+        if trace.on.era_init:
             trace.emit("era_init", dev=self._dev_name(), key=id(self.tracker),
                        nr_blocks=self.nr_blocks)
 
@@ -126,7 +126,7 @@ class EraTarget(Target):
     def _submit_all(self, bios):
         submit = self.origin.submit
         for b in bios:
-            if trace.ENABLED:
+            if trace.on.era_write:
                 first, end = b.private
                 trace.emit("era_write", dev=self._dev_name(), key=id(self.tracker), bio=b.id,
                            first=first, end=end)
@@ -149,13 +149,13 @@ class EraTarget(Target):
         first = rel // self.block_size
         end = (rel + bio.nr_sectors - 1) // self.block_size + 1
         if self.committed.find(0, first, end) < 0:
-            if trace.ENABLED:
+            if trace.on.era_write:
                 trace.emit("era_write", dev=self.ctx.device.name, key=id(self.tracker),
                            bio=bio.id, first=first, end=end)
             return REMAPPED
         bio.private = (first, end)
         self._defer(bio)
-        if trace.ENABLED:
+        if trace.on.era_defer:
             trace.emit("era_defer", dev=self.ctx.device.name, block=first, blocks=end - first)
         return SUBMITTED
 
@@ -182,7 +182,7 @@ class EraTarget(Target):
         if self.tracker is not None:         # None if the constructor failed early
             self.worker.stop()
             self.tracker.close()
-            if trace.ENABLED:
+            if trace.on.era_dtr:
                 trace.emit("era_dtr", dev=self._dev_name(), key=id(self.tracker))
 
     # ------------------------------------------------------------ control
@@ -194,7 +194,7 @@ class EraTarget(Target):
             raise TargetError("era target is not active", errno.EINVAL)
         if cmd in ("checkpoint", "take_metadata_snap"):
             with self.ctx.quiesce():
-                if trace.ENABLED:
+                if trace.on.era_checkpoint_begin:
                     trace.emit("era_checkpoint_begin", dev=self._dev_name(),
                                key=id(self.tracker), op=cmd)
                 ok = False
@@ -203,7 +203,7 @@ class EraTarget(Target):
                                  else self.tracker.take_snap)
                     ok = True
                 finally:
-                    if trace.ENABLED:
+                    if trace.on.era_checkpoint_done:
                         trace.emit("era_checkpoint_done", dev=self._dev_name(),
                                    key=id(self.tracker), op=cmd, ok=ok)
             self.ctx.event()

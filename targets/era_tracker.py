@@ -135,7 +135,7 @@ class EraTracker:
                 for b in bios:
                     b.complete(errno.EIO)
                 return None
-            if trace.ENABLED:
+            if trace.on.era_marks_committed:
                 # before the fast path can see the marks (the monitor's order)
                 trace.emit("era_marks_committed", dev=self._dev_name(), key=id(self),
                            ranges=new)
@@ -186,7 +186,7 @@ class EraTracker:
         if old is not None:
             old.close()
         bits = md.current_bits
-        if trace.ENABLED:
+        if trace.on.era_marks_loaded:
             # before the fast path can see them (the monitor's order)
             n = min(md.sb.ws_nr_bits, self.nr_blocks) if bits is not None else 0
             trace.emit("era_marks_loaded", dev=self._dev_name(), key=id(self),
@@ -239,7 +239,7 @@ class EraTracker:
         self.md.checkpoint()
         self.md.commit()
         self.committed.setall(0)
-        if trace.ENABLED:
+        if trace.on.era_rollover:
             trace.emit("era_rollover", dev=self._dev_name(), key=id(self),
                        nr_blocks=self.nr_blocks)
         self.generation += 1

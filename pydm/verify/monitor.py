@@ -13,8 +13,9 @@ Rules of this module:
   few thousand dropped instances are remembered with their state, so an event
   after the end, such as a second completion, is still checked).
 * An event with no transition from the instance's state is a violation: it is
-  handed to the reactor once, with the instance's last events, and the
-  instance is dropped and ignored from then on (no cascade of reports).
+  handed to the reactor once, with the instance's last events (taken from
+  the monitor's ring of its last RING events, so recording costs one append),
+  and the instance is dropped and ignored from then on (no cascade).
 * A deterministic automaton cannot say "eventually": ``end_check`` reports
   instances left in a non-final state (at drain points the spec names, and at
   the end of a run), which turns "at most once" into "exactly once".
@@ -31,7 +32,8 @@ from pydm.lockdep import make_raw_lock
 from pydm.verify.dotmodel import load
 from pydm.verify.reactors import REACTORS, VerificationError, react
 
-HISTORY = 8           # events kept per instance for a report
+HISTORY = 8           # events shown per instance in a report
+RING = 4096           # recent events of a monitor a report's history comes from
 REMEMBERED = 4096     # dropped per-object instances still checked
 
 __all__ = ["Monitor", "Spec", "Violation", "VerificationError"]
@@ -103,13 +105,11 @@ class Monitor:
             raise ValueError(f"unknown reactor {reactor!r}")
         self.spec = spec
         self.name = spec.name
-        self.model = spec.model
+        self.model = model = spec.model
         self.reactor = reactor
         self.params = dict(spec.params, **(params or {}))
         self.instances = {}           # key -> state
-        self.history = {}             # key -> deque of "trace:model" strings
-        self.finished = collections.OrderedDict()   # key -> (final state or None: violated,
-                                                    #         its last events)
+        self.finished = collections.OrderedDict()   # key -> final state (None: violated)
         self.deadlines = {}           # key -> (monotonic deadline, state)
         self.violations = []
         self.shadow = spec.shadow()
@@ -117,15 +117,24 @@ class Monitor:
         self.clock = None             # set by the session when the model has clocks
         self.listener = None          # called with each violation (a report file)
         self._lock = make_raw_lock()
+        # the last events of every instance, together: a report picks its own
+        self._ring = collections.deque(maxlen=RING)
         self._per_object = spec.scope == "per_object"
-        self._invariants = {s: self.params[p] for s, p in self.model.invariants.items()}
+        self._invariants = {s: self.params[p] for s, p in model.invariants.items()}
+        self._handlers = spec.handlers
+        self._end_on = spec.end_on
+        self._table = model.table
+        self._initial = model.initial
+        self._start = spec.start
+        self._reset = spec.reset
+        self._dead_ends = {s for s in model.finals if not model.has_exits(s)}
 
     def state_of(self, key):
         """The state of an instance (live, or dropped at a final state), or None."""
         with self._lock:
             if key in self.instances:
                 return self.instances[key]
-            return self.finished.get(key, (None,))[0]
+            return self.finished.get(key)
 
     def set_params(self, **params):
         """Change clock thresholds (seconds); applies to states entered after."""
@@ -139,10 +148,11 @@ class Monitor:
     # ------------------------------------------------------------ events
     def __call__(self, fields):
         ev = fields["event"]
-        bad = []
+        handler = self._handlers.get(ev)
+        ender = self._end_on.get(ev)
+        bad = None
         with self._lock:
             self.events_seen += 1
-            handler = self.spec.handlers.get(ev)
             if handler is not None:
                 pairs = handler(fields, self.shadow)
                 if pairs:
@@ -150,56 +160,56 @@ class Monitor:
                     for key, mev in pairs:
                         v = self._step(key, mev, ev, now)
                         if v is not None:
-                            bad.append(v)
-            ender = self.spec.end_on.get(ev)
+                            bad = (bad or []) + [v]
             if ender is not None:
-                bad.extend(self._end(ender(fields)))
-        for v in bad:
-            self._react(v)
+                bad = (bad or []) + self._end(ender(fields))
+        if bad:
+            for v in bad:
+                self._react(v)
 
     def _step(self, key, mev, trace_ev, now=None):
-        model = self.model
-        st = self.instances.get(key)
-        if mev in self.spec.reset:
-            st = model.initial
+        self._ring.append((key, trace_ev, mev))
+        inst = self.instances
+        st = cur = inst.get(key)
+        if mev in self._reset:
+            st = self._initial
             self.finished.pop(key, None)
         elif st is None:
             if key in self.finished:
-                st, old = self.finished[key]
+                st = self.finished.pop(key)
                 if st is None:
+                    self.finished[key] = None
                     return None           # already reported: ignored
-                self.history[key] = collections.deque(old, maxlen=HISTORY)
-            elif self._per_object and mev not in self.spec.start:
+            elif self._per_object and mev not in self._start:
                 return None               # not being monitored
             else:
-                st = model.initial
-        hist = self.history.get(key)
-        if hist is None:
-            hist = self.history[key] = collections.deque(maxlen=HISTORY)
-        hist.append(f"{trace_ev}->{mev}" if trace_ev != mev else mev)
-        nxt = model.next(st, mev)
+                st = self._initial
+        nxt = self._table.get((st, mev))
         if nxt is None:
-            v = Violation(self.name, key, st, mev, tuple(hist))
+            v = Violation(self.name, key, st, mev, self._history(key))
             self._drop(key, None)
             return v
-        if nxt != st or key not in self.instances:
-            if self._invariants:
-                self._arm(key, nxt, now)
-        if self._per_object and nxt in model.finals and not model.has_exits(nxt):
+        if nxt == cur:
+            return None                   # a self-loop: nothing changes
+        if self._invariants:
+            self._arm(key, nxt, now)
+        if self._per_object and nxt in self._dead_ends:
             self._drop(key, nxt)
         else:
-            self.instances[key] = nxt
-            self.finished.pop(key, None)
+            inst[key] = nxt
         return None
+
+    def _history(self, key):
+        out = [mev if tev == mev else f"{tev}->{mev}" for k, tev, mev in self._ring if k == key]
+        return tuple(out[-HISTORY:])
 
     def _drop(self, key, final_state):
         self.instances.pop(key, None)
-        hist = self.history.pop(key, None)
         self.deadlines.pop(key, None)
-        self.finished[key] = (final_state, tuple(hist) if hist and final_state else ())
-        self.finished.move_to_end(key)
-        if len(self.finished) > REMEMBERED:
-            self.finished.popitem(last=False)
+        fin = self.finished
+        fin[key] = final_state
+        if len(fin) > REMEMBERED:
+            fin.popitem(last=False)
 
     def _arm(self, key, state, now=None):
         limit = self._invariants.get(state)
@@ -216,8 +226,7 @@ class Monitor:
         finals = self.model.finals
         for key, st in list(self.instances.items()):
             if st not in finals and select(key):
-                out.append(Violation(self.name, key, st, None,
-                                     tuple(self.history.get(key, ()))))
+                out.append(Violation(self.name, key, st, None, self._history(key)))
                 self._drop(key, None)
         return out
 
@@ -237,8 +246,7 @@ class Monitor:
             for key, (deadline, st) in list(self.deadlines.items()):
                 if deadline <= now:
                     limit = self._invariants[st]
-                    bad.append(Violation(self.name, key, st, None,
-                                         tuple(self.history.get(key, ())),
+                    bad.append(Violation(self.name, key, st, None, self._history(key),
                                          why=f"still in state {st} after {limit:g} s "
                                              f"(invariant clk < {limit:g} s)"))
                     self._drop(key, None)
@@ -257,7 +265,7 @@ class Monitor:
     def clear(self):
         with self._lock:
             self.instances.clear()
-            self.history.clear()
+            self._ring.clear()
             self.finished.clear()
             self.deadlines.clear()
             self.violations.clear()

@@ -90,7 +90,7 @@ class Engine:
             while self.writes_in_flight:
                 self.cond.wait()
             first = self.life.fail(err, store, op, sector)
-            if first and trace.ENABLED:
+            if first and trace.on.wb_fail:
                 trace.emit("wb_fail", eng=id(self), errno=err, store=store, op=op, sector=sector)
             self.failing = False
             self.cond.notify_all()
@@ -128,7 +128,7 @@ class Engine:
         if not self.begin_write():
             return errno.EIO
         try:
-            if trace.ENABLED:
+            if trace.on.wb_store_io:
                 trace.emit("wb_store_io", eng=id(self), store="cache", op="flush")
             self.cache.flush()
         except IOFailed as e:

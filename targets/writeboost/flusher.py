@@ -55,7 +55,7 @@ class Flusher:
                 break
             try:
                 buf = index.buffer_of(seg_id)
-                if trace.ENABLED:
+                if trace.on.wb_store_io:
                     trace.emit("wb_store_io", eng=id(eng), store="cache", op="write", seg=seg_id)
                 eng.cache.write(index.geo.segment_offset(seg_id), memoryview(buf)[:nbytes])
             except IOFailed as e:
@@ -74,10 +74,10 @@ class Flusher:
         if ok and barriers:
             if eng.begin_write():
                 try:
-                    if trace.ENABLED:
+                    if trace.on.wb_store_io:
                         trace.emit("wb_store_io", eng=id(eng), store="cache", op="flush")
                     eng.cache.flush()
-                    if trace.ENABLED:       # segments up to ``written`` are durable
+                    if trace.on.wb_durable:     # segments up to ``written`` are durable
                         trace.emit("wb_durable", eng=id(eng), seg=written)
                 except IOFailed as e:
                     err = e
@@ -93,6 +93,6 @@ class Flusher:
     @staticmethod
     def _ack(acks):
         for barrier, status in acks:
-            if trace.ENABLED:
+            if trace.on.wb_ack:
                 trace.emit("wb_ack", bar=getattr(barrier, "id", -id(barrier)), status=status)
             barrier.complete(status)

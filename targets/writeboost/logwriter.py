@@ -248,7 +248,7 @@ class LogWriter:
         nbytes = index.seal()
         if barriers and not full:
             index.count_non_full_flushed += 1
-        if trace.ENABLED and barriers:
+        if trace.on.wb_bind and barriers:
             for b in barriers:          # bar: a bio's id, or -id() of a sync's Waiter
                 trace.emit("wb_bind", eng=id(self.engine), bar=getattr(b, "id", -id(b)),
                            seg=index.last_sealed)

@@ -20,7 +20,7 @@ path), ``reads``, ``flusher``, ``writeback``,
   FUA are, with the durability the engine's rules give them.
 * Trace events (``wb_*``, an engine named by ``id(engine)``, listed in
   ``pydm/verify/specs/writeboost.py``) mark the points the writeboost
-  monitors check; they are emitted only under ``trace.ENABLED`` and change
+  monitors check; they are emitted only under ``trace.on.NAME`` and change
   nothing.
 """
 
@@ -102,7 +102,7 @@ class WriteboostTarget(Target):
         self.ticker.start()
         with eng.cond:
             eng.life.move("start")
-            if trace.ENABLED:
+            if trace.on.wb_start:
                 trace.emit("wb_start", eng=id(eng))
         self.writeback.kick()
 
@@ -126,7 +126,7 @@ class WriteboostTarget(Target):
             eng.cond.notify_all()
         self.writeback.stop()
         self.flusher.stop()
-        if trace.ENABLED:
+        if trace.on.wb_stop:
             trace.emit("wb_stop", eng=id(eng))
 
     # ------------------------------------------------------------- I/O
@@ -149,14 +149,14 @@ class WriteboostTarget(Target):
             if bio.nr_sectors:
                 bio.sector -= self.begin
             return REMAPPED
-        if trace.ENABLED and eng.life.failed:
+        if trace.on.wb_late and eng.life.failed:
             trace.emit("wb_late", eng=id(eng), bio=bio.id)
         if op == FLUSH:
             status = eng.writer.flush(bio)
         else:
             status = eng.writer.write(bio, bio.sector - self.begin)
         if status is not None:
-            if trace.ENABLED:
+            if trace.on.wb_done:
                 trace.emit("wb_done", eng=id(eng), bio=bio.id, op=op, flags=bio.flags,
                            status=status)
             bio.complete(status)

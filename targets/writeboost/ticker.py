@@ -72,7 +72,7 @@ class Ticker:
         if value == self._recorded or not eng.begin_write():
             return
         try:
-            if trace.ENABLED:
+            if trace.on.wb_store_io:
                 trace.emit("wb_store_io", eng=id(eng), store="cache", op="write")
             eng.cache.write(L.RECORD_BLOCK_OFFSET, L.record_block(value), fua=True)
         except IOFailed as e:

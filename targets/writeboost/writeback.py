@@ -89,7 +89,7 @@ class Writeback:
                 if index.segment_of(idx) == seg_id:
                     index.make_clean(idx)
             index.last_writeback = first + n - 1
-            if trace.ENABLED:
+            if trace.on.wb_advance:
                 trace.emit("wb_advance", eng=id(eng), upto=first + n - 1)
             self.last_batch = n
             if index.last_writeback >= index.current_id + 1 - index.geo.nr_segments:
@@ -136,13 +136,13 @@ class Writeback:
         if not eng.begin_write():
             raise IOFailed(errno.EIO, "backing", "write", writes[0][0] // SECTOR)
         try:
-            if trace.ENABLED:
+            if trace.on.wb_store_io:
                 trace.emit("wb_store_io", eng=id(eng), store="backing", op="write")
             eng.backing.write_many(writes)
-            if trace.ENABLED:
+            if trace.on.wb_store_io:
                 trace.emit("wb_store_io", eng=id(eng), store="backing", op="flush")
             eng.backing.flush()
-            if trace.ENABLED:
+            if trace.on.wb_backing_flushed:
                 trace.emit("wb_backing_flushed", eng=id(eng))
         finally:
             eng.end_write()
