@@ -80,8 +80,9 @@ class Cli:
 
 
 class Daemon:
-    """``pydm serve`` in a subprocess; ``wrapper`` (e.g. ``["prlimit",
-    "--nofile=40:40"]``) runs it under another command."""
+    """``pydm serve`` in a subprocess, with every runtime monitor on (a report
+    fails ``stop``); ``wrapper`` (e.g. ``["prlimit", "--nofile=40:40"]``)
+    runs it under another command."""
 
     def __init__(self, tmp_path, config=None, extra=(), wrapper=(), sock=None):
         self.sock = sock or tmp_path / "ctl.sock"
@@ -93,6 +94,8 @@ class Daemon:
         extra = list(extra)
         if not any(a in extra for a in ("--unix", "--port", "--listen")):
             extra.append("--no-nbd")      # never fight over the default port 10809
+        if "--rv" not in extra:           # every monitor watches every daemon too
+            extra += ["--rv", "all", "--rv-reactor", "log"]
         args = [sys.executable, "-m", "pydm", "serve", "--socket", str(self.sock), *extra]
         if config is not None:
             args.insert(4, str(config))
@@ -136,6 +139,7 @@ class Daemon:
         out = self.output()
         assert "lockdep" not in out, out
         assert "Traceback" not in out, out
+        assert "ERROR: rv:" not in out, out       # a monitor's report (or at shutdown)
         return self.proc.returncode
 
 

@@ -197,8 +197,10 @@ class Session:
         return todo
 
     def set_reactor(self, name, reactor):
+        """``all`` means every enabled monitor; a named one must be enabled."""
         self._reactor(reactor)
-        for n in self._names(name):
+        names = list(self.monitors) if name == "all" or name == ["all"] else self._names(name)
+        for n in names:
             m = self.monitors.get(n)
             if m is None:
                 raise RVError(f"monitor {n} is not enabled")
