@@ -17,6 +17,10 @@ QD16 for --runtime seconds; medians of --runs and ratios against ``off``.
 
     .venv/bin/python tools/bench_rv.py [--runs 5] [--runtime 4]
 
+Then, in-process where the noise is small, tools/bench_router.py under the
+stripped and the normal build, alternating: the cost of a trace point
+nobody listens to, per bio.
+
 Goals (the runtime-verification issue): on/off >= 0.9 for both devices;
 off costs nothing measurable against stripped.  A benchmark: it prints,
 it asserts nothing.
@@ -152,6 +156,39 @@ def bench(work, args):
         print(f"{dev:<8}" + "".join(f"{c:>20}" for c in cells))
 
 
+def bench_inprocess(work, args):
+    """Off against stripped where the noise is small: tools/bench_router.py
+    (bios through one and two linear devices over memory, in-process) run
+    under both builds, alternating, --runs times."""
+    import re
+    import subprocess
+    strip_dir = os.path.join(work, "stripped")
+    if not os.path.isdir(strip_dir):
+        strip_dir = stripped_build(work)
+    rows = ("linear over memory", "linear over linear over memory")
+    got = {}
+    for r in range(args.runs):
+        for v in (("off", "stripped") if r % 2 == 0 else ("stripped", "off")):
+            env = dict(os.environ, PYDM_LOCKDEP="0")
+            if v == "stripped":
+                env["PYTHONPATH"] = strip_dir
+            out = subprocess.run([sys.executable, os.path.join(HERE, "bench_router.py"),
+                                  "--rounds", "3"], capture_output=True, text=True,
+                                 env=env, check=True, cwd=work).stdout
+            for row in rows:
+                for op in ("read", "write"):
+                    m = re.search(rf"^{row}\s+{op}\s+([0-9.]+)", out, re.M)
+                    got.setdefault((row, op, v), []).append(float(m.group(1)))
+    print(f"in-process, tools/bench_router.py, medians of {args.runs} alternating runs "
+          f"(us per 4 KiB bio, with the memory store)")
+    print(f"{'path':<34}{'op':<7}{'stripped':>10}{'off':>10}{'off/stripped':>14}")
+    for row in rows:
+        for op in ("read", "write"):
+            a = statistics.median(got[(row, op, "stripped")])
+            b = statistics.median(got[(row, op, "off")])
+            print(f"{row:<34}{op:<7}{a:>10.2f}{b:>10.2f}{b / a:>13.3f}x")
+
+
 def _automata():
     sys.path.insert(0, ROOT)
     from pydm.verify.specs import SPECS
@@ -168,7 +205,7 @@ def main():
     ap.add_argument("--dir", help="work directory (default: a fresh temporary one)")
     ap.add_argument("--skip-nbd", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    run_in_workdir(args, "pydm-rvbench-", [bench, lambda w, a: None])
+    run_in_workdir(args, "pydm-rvbench-", [bench, bench_inprocess])
 
 
 if __name__ == "__main__":

@@ -50,36 +50,6 @@ class LockdepMonitor:
     def end_check(self, select=None):
         return self.poll()
 
-    def set_params(self, name, **params):
-        m = self.monitors.get(name)
-        if m is None or name == "lockdep":
-            raise RVError(f"monitor {name} is not enabled or has no parameters")
-        try:
-            m.set_params(**params)
-        except ValueError as e:
-            raise RVError(str(e)) from None
-
-    @contextlib.contextmanager
-    def expect(self, *names):
-        """For a test that breaks a rule on purpose: these monitors record
-        instead of raising inside, and what they report there is handed to
-        the caller (a list) and taken out of the session's violations."""
-        mons = []
-        for n in names:
-            m = self.monitors.get(n)
-            if m is None:
-                raise RVError(f"monitor {n} is not enabled")
-            mons.append((m, m.reactor, len(m.violations)))
-            m.reactor = "record"
-        seen = []
-        try:
-            yield seen
-        finally:
-            for m, old, before in mons:
-                m.reactor = old
-                seen.extend(m.violations[before:])
-                del m.violations[before:]
-
     def close(self):
         lockdep.set_reactor("record")
 
