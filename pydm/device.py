@@ -106,7 +106,7 @@ class MappedDevice:
         try:
             if trace.on.bio_complete:
                 trace.emit("bio_complete", dev=self.name, minor=self.minor, bio=bio.id,
-                       status=status)
+                           status=status)
             bio.complete(status)
         finally:
             with self._io_lock:
