@@ -3,7 +3,9 @@
 Rules of this module: call sites read ``if trace.on.NAME: trace.emit("NAME", ...)``
 (or ``trace.ENABLED`` for "any sink at all") so an event no sink takes costs
 two attribute loads.  Every event name is declared in ``EVENTS``.  ``emit`` hands each event to the
-attached sinks that take it (each sink names its events, or takes all),
+attached sinks that take it (each sink names its events, or takes all:
+a recorder, for which each event is stamped with ``seq``, ``thread`` and a
+monotonic ``t``),
 synchronously, in the emitting thread; sinks must not take pydm locks (they
 run inside the I/O and control paths).
 
@@ -98,9 +100,10 @@ def emit(event: str, **fields) -> None:
     if not sinks:
         return
     fields["event"] = event
-    fields["seq"] = next(_seq)
-    fields["thread"] = threading.get_ident()
-    fields["t"] = _monotonic()
+    if _catch_all:              # a recorder: order, thread and time for the log
+        fields["seq"] = next(_seq)
+        fields["thread"] = threading.get_ident()
+        fields["t"] = _monotonic()
     for sink in sinks:
         sink(fields)
 

@@ -100,7 +100,7 @@ class Violation:
 
 
 class Monitor:
-    def __init__(self, spec: Spec, reactor="record", params=None):
+    def __init__(self, spec: Spec, reactor="record", params=None, lock=None):
         if reactor not in REACTORS:
             raise ValueError(f"unknown reactor {reactor!r}")
         self.spec = spec
@@ -116,7 +116,7 @@ class Monitor:
         self.events_seen = 0
         self.clock = None             # set by the session when the model has clocks
         self.listener = None          # called with each violation (a report file)
-        self._lock = make_raw_lock()
+        self._lock = lock or make_raw_lock()     # a session shares one among its monitors
         # the last events of every instance, together: a report picks its own
         self._ring = collections.deque(maxlen=RING)
         self._per_object = spec.scope == "per_object"
@@ -147,25 +147,30 @@ class Monitor:
 
     # ------------------------------------------------------------ events
     def __call__(self, fields):
-        ev = fields["event"]
-        handler = self._handlers.get(ev)
-        ender = self._end_on.get(ev)
-        bad = None
         with self._lock:
-            self.events_seen += 1
-            if handler is not None:
-                pairs = handler(fields, self.shadow)
-                if pairs:
-                    now = fields.get("t")
-                    for key, mev in pairs:
-                        v = self._step(key, mev, ev, now)
-                        if v is not None:
-                            bad = (bad or []) + [v]
-            if ender is not None:
-                bad = (bad or []) + self._end(ender(fields))
+            bad = self.handle(fields["event"], fields)
         if bad:
             for v in bad:
-                self._react(v)
+                self.report(v)
+
+    def handle(self, ev, fields):
+        """One event, with ``_lock`` held by the caller; the violations it
+        caused (None if none), to be handed to ``report`` once released."""
+        self.events_seen += 1
+        bad = None
+        handler = self._handlers.get(ev)
+        if handler is not None:
+            pairs = handler(fields, self.shadow)
+            if pairs:
+                now = fields.get("t")
+                for key, mev in pairs:
+                    v = self._step(key, mev, ev, now)
+                    if v is not None:
+                        bad = (bad or []) + [v]
+        ender = self._end_on.get(ev)
+        if ender is not None:
+            bad = (bad or []) + self._end(ender(fields))
+        return bad
 
     def _step(self, key, mev, trace_ev, now=None):
         self._ring.append((key, trace_ev, mev))
@@ -235,7 +240,7 @@ class Monitor:
         with self._lock:
             bad = self._end(select)
         for v in bad:
-            self._react(v, final=True)
+            self.report(v, final=True)
         return bad
 
     def expire(self, now):
@@ -253,10 +258,11 @@ class Monitor:
                 elif nxt is None or deadline < nxt:
                     nxt = deadline
         for v in bad:
-            self._react(v, final=True)
+            self.report(v, final=True)
         return nxt
 
-    def _react(self, v, final=False):
+    def report(self, v, final=False):
+        """Record a violation and hand it to the reactor (no lock held)."""
         self.violations.append(v)
         if self.listener is not None:
             self.listener(v)

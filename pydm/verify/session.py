@@ -91,7 +91,40 @@ class Session:
         self.monitors = {}          # name -> Monitor | LockdepMonitor (enabled ones)
         self.retired = {}           # name -> violations of a disabled monitor
         self.clock = None
-        self._lock = make_raw_lock()
+        self._lock = make_raw_lock()            # enable/disable/reactor
+        self._events_lock = make_raw_lock()     # shared by the monitors: one per event
+        self._routes = {}                       # trace event -> monitors taking it
+        self._sink = self._dispatch             # one bound method: detach finds it
+        self._attached = False
+
+    # ----------------------------------------------------------- events
+    def _dispatch(self, fields):
+        """The session's one trace sink: every monitor taking the event, under
+        one lock; reports after it is released."""
+        ev = fields["event"]
+        bad = None
+        with self._events_lock:
+            for m in self._routes.get(ev, ()):
+                b = m.handle(ev, fields)
+                if b:
+                    bad = (bad or []) + [(m, v) for v in b]
+        if bad:
+            for m, v in bad:
+                m.report(v)
+
+    def _rewire(self):
+        routes = {}
+        for m in self.monitors.values():
+            if isinstance(m, Monitor):
+                for ev in m.spec.events:
+                    routes.setdefault(ev, []).append(m)
+        if self._attached:
+            trace.detach(self._sink)
+            self._attached = False
+        self._routes = {ev: tuple(ms) for ev, ms in routes.items()}
+        if routes:
+            trace.attach(self._sink, routes)
+            self._attached = True
 
     # ------------------------------------------------------------ names
     def available(self):
@@ -139,14 +172,14 @@ class Session:
                     self.monitors[n] = LockdepMonitor(reactor)
                     continue
                 spec = self.specs[n]
-                m = Monitor(spec, reactor, (params or {}).get(n))
+                m = Monitor(spec, reactor, (params or {}).get(n), lock=self._events_lock)
                 if m.model.invariants and clock:
                     if self.clock is None:
                         self.clock = Clock()
                     m.clock = self.clock
                     self.clock.monitors.append(m)
                 self.monitors[n] = m
-                trace.attach(m, spec.events)
+            self._rewire()
         return todo
 
     def disable(self, names):
@@ -159,11 +192,10 @@ class Session:
                 if n == "lockdep":
                     m.poll()
                     m.close()
-                else:
-                    trace.detach(m)
-                    if m.clock is not None:
-                        m.clock.monitors.remove(m)
+                elif m.clock is not None:
+                    m.clock.monitors.remove(m)
                 self.retired.setdefault(n, []).extend(m.violations)
+            self._rewire()
         return todo
 
     def set_reactor(self, name, reactor):

@@ -1,5 +1,7 @@
 """Monitors of the core: bios, device lifecycle, the control plane, deadlines."""
 
+import itertools
+
 from pydm.bio import FLUSH, REQ_FUA, REQ_PREFLUSH
 from pydm.verify.monitor import Spec
 
@@ -97,6 +99,7 @@ class _Pending:
     def __init__(self):
         self.flushes = set()        # (minor, bio) of flush/FUA bios in flight
         self.removes = {}           # minor -> key of the remove under way
+        self.count = itertools.count(1)
 
 
 def _flush_submit(f, p):
@@ -119,7 +122,7 @@ def _flush_event(name):
 
 def _remove_begin(f, p):
     # minors are reused (each Control starts at 0): one key per remove
-    key = p.removes[f["minor"]] = ("remove", f["minor"], f["seq"])
+    key = p.removes[f["minor"]] = ("remove", f["minor"], next(p.count))
     return _one(key, "remove_begin")
 
 
