@@ -5,8 +5,8 @@ removed from the source.
 
 Method: four builds of the same daemon, each started afresh for every run,
 in an order that rotates every round: ``stripped`` (a copy of this
-checkout's pydm with every ``if trace.ENABLED:`` block deleted from the
-source: what "no tracing at all" costs), ``off`` (this checkout, no
+checkout's pydm with every ``if trace.on.NAME:`` and ``if trace.ENABLED:``
+block deleted from the source: what "no tracing at all" costs), ``off`` (this checkout, no
 monitor), ``on`` (``pydm serve --rv`` with every automaton monitor, record
 reactor) and ``on+lockdep`` (``--rv all``: the lock-order checker too, which
 swaps every lock for a checked one).  Each serves ``era`` (era over a 256 MiB
@@ -41,18 +41,24 @@ SIZE = 256 << 20
 VARIANTS = ("stripped", "off", "on", "on+lockdep")
 
 
+def _is_trace_flag(t):
+    """``trace.ENABLED``, ``trace.on.NAME``, or an ``and`` holding one."""
+    if isinstance(t, ast.BoolOp) and isinstance(t.op, ast.And):
+        return any(_is_trace_flag(v) for v in t.values)
+    while isinstance(t, ast.Attribute):
+        t = t.value
+    return isinstance(t, ast.Name) and t.id == "trace"
+
+
 class _StripTrace(ast.NodeTransformer):
-    """Delete ``if trace.ENABLED:`` blocks (no else) from a module."""
+    """Delete ``if trace.on.NAME:`` (or ``trace.ENABLED``) blocks (no else)."""
 
     removed = 0
 
     def _strip(self, body):
         out = []
         for node in body:
-            t = getattr(node, "test", None)
-            if (isinstance(node, ast.If) and not node.orelse and isinstance(t, ast.Attribute)
-                    and t.attr == "ENABLED" and isinstance(t.value, ast.Name)
-                    and t.value.id == "trace"):
+            if isinstance(node, ast.If) and not node.orelse and _is_trace_flag(node.test):
                 _StripTrace.removed += 1
                 continue
             out.append(self.visit(node))
@@ -93,6 +99,9 @@ def bench(work, args):
     make_image(origin, SIZE)
     strip_dir = stripped_build(work)
     print(f"stripped build: {_StripTrace.removed} trace blocks removed", file=sys.stderr)
+    if not _StripTrace.removed:
+        raise SystemExit("bench_rv: the stripped build removed no trace point (call sites "
+                         "changed shape?)")
     sectors = SIZE >> 9
     samples = {}
     for r in range(args.runs):
