@@ -1,13 +1,20 @@
 #!/usr/bin/env python3
 """Benchmark pydm's NBD server against nbdkit (file plugin) and qemu-nbd.
 
-Method: one 256 MiB file of random data; pydm
-serves it through a linear device, nbdkit and qemu-nbd serve the same file;
-fio's nbd engine runs each job against each server in turn (servers
+Method, warm section: one 256 MiB file of random data (in the page cache);
+pydm serves it through a linear device, nbdkit and qemu-nbd serve the same
+file; fio's nbd engine runs each job against each server in turn (servers
 alternate within every round), three rounds by default; the table shows the
 medians and the ratios to nbdkit and qemu-nbd.
 
+Cold section: the same, on a 1 GiB file of random data that is evicted from
+the page cache (fdatasync, then posix_fadvise(POSIX_FADV_DONTNEED) on the
+whole file) before every fio run, for the read jobs: randread 4k QD16 and
+QD1 (time-based) and read 1m QD4 (one pass over the file, so no block is
+read twice).  What a VM image that is not in the host's cache sees.
+
     .venv/bin/python tools/bench_nbd.py [--runs 3] [--runtime 4] [--dir DIR]
+        [--cold | --warm]                               # one section only
         [--baseline OTHER_CHECKOUT/.venv/bin/python]   # same-run A/B
 
 Needs fio (with the nbd engine), nbdkit and qemu-nbd on PATH.  This is a
@@ -37,14 +44,33 @@ JOBS = [  # (name, rw, bs, iodepth, metric)
 GOALS = {"read 1m QD4": 0.8, "write 1m QD4": 0.8, "randread 4k QD16": 0.5,
          "randwrite 4k QD16": 0.5}
 SIZE = 256 << 20
+COLD_SIZE = 1 << 30
+COLD_JOBS = [  # (name, rw, bs, iodepth, metric, time-based)
+    ("cold randread 4k QD16", "randread", "4k", 16, "iops", True),
+    ("cold randread 4k QD1", "randread", "4k", 1, "iops", True),
+    ("cold read 1m QD4", "read", "1m", 4, "bw", False),
+]
+# The uncached-reads issue's goals, pydm / nbdkit.
+COLD_GOALS = {"cold randread 4k QD16": 1.0, "cold randread 4k QD1": 0.9,
+              "cold read 1m QD4": 0.9}
 
 
-def start_servers(work, image, names, pydm_args, baseline=None):
+def evict(path):
+    """Drop ``path`` from the page cache (every server reads the same file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def start_servers(work, image, names, pydm_args, baseline=None, size=SIZE):
     servers = {}
     for name, python in (("pydm", None), ("pydm-base", baseline)):
         if name in names:
             port = free_port()
-            proc, _sock = start_pydm(work, [("bench", f"0 {SIZE >> 9} linear {image} 0")],
+            proc, _sock = start_pydm(work, [("bench", f"0 {size >> 9} linear {image} 0")],
                                      port, pydm_args, python=python, label=name)
             servers[name] = (proc, port, "bench")
     if "nbdkit" in names:
@@ -68,7 +94,12 @@ def main():
     ap.add_argument("--runtime", type=int, default=4, help="seconds per fio run")
     ap.add_argument("--dir", help="work directory (default: a fresh temporary one)")
     ap.add_argument("--servers", default="pydm,nbdkit,qemu-nbd")
-    ap.add_argument("--jobs", help="comma-separated job numbers (1-5) to run")
+    ap.add_argument("--jobs", help="comma-separated warm job numbers (1-5) to run")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--cold", action="store_true",
+                         help="only the cold section (the file evicted before every run)")
+    which.add_argument("--warm", action="store_true",
+                         help="only the warm section (the file in the page cache)")
     ap.add_argument("--json", metavar="FILE", help="also write the raw samples here")
     ap.add_argument("--baseline", metavar="PYTHON",
                     help="A/B: the python of another pydm checkout's venv (e.g. a clone "
@@ -82,54 +113,78 @@ def main():
     names = [s for s in args.servers.split(",") if s]
     if args.baseline and "pydm-base" not in names:
         names.insert(1, "pydm-base")
-    jobs = JOBS if not args.jobs else [JOBS[int(i) - 1] for i in args.jobs.split(",")]
+    jobs = [(*j, True) for j in JOBS]
+    if args.jobs:
+        jobs = [jobs[int(i) - 1] for i in args.jobs.split(",")]
     work = args.dir or tempfile.mkdtemp(prefix="pydm-bench-")
     os.makedirs(work, exist_ok=True)
-    image = os.path.join(work, "disk.img")
-    make_image(image, SIZE)
-    servers = start_servers(work, image, names, args.pydm_args, args.baseline)
+    try:
+        if not args.cold:
+            image = os.path.join(work, "disk.img")
+            make_image(image, SIZE)
+            section(args, work, image, SIZE, names, jobs, GOALS, None,
+                    "256 MiB random file in the page cache")
+        if not args.warm:
+            image = os.path.join(work, "cold.img")
+            make_image(image, COLD_SIZE)
+            section(args, work, image, COLD_SIZE, names, COLD_JOBS, COLD_GOALS, evict,
+                    "1 GiB random file evicted from the page cache before every run")
+    finally:
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def section(args, work, image, size, names, jobs, goals, before_run, what):
+    servers = start_servers(work, image, names, args.pydm_args, args.baseline, size)
     samples = {(j[0], s): [] for j in jobs for s in names}
     try:
         for r in range(args.runs):
-            for j, (name, rw, bs, qd, metric) in enumerate(jobs):
+            for j, (name, rw, bs, qd, metric, timed) in enumerate(jobs):
                 order = names[(r + j) % len(names):] + names[:(r + j) % len(names)]
                 for s in order:
                     _proc, port, export = servers[s]
+                    if before_run is not None:
+                        before_run(image)
                     bw, iops = run_fio(f"nbd://127.0.0.1:{port}/{export}", rw, bs, qd,
-                                       args.runtime)
+                                       args.runtime if timed else None,
+                                       size=f"{size >> 20}m")
                     v = bw if metric == "bw" else iops
                     samples[(name, s)].append(v)
                     print(f"round {r + 1} {name:<18} {s:<9} {fmt(metric, v)}",
                           file=sys.stderr, flush=True)
     finally:
         stop([proc for proc, _p, _e in servers.values()])
+    report(args, names, jobs, goals, samples, what)
+
+
+def report(args, names, jobs, goals, samples, what):
     med = {k: statistics.median(v) for k, v in samples.items()}
-    head = f"{'job':<18}" + "".join(f"{s:>16}" for s in names)
+    head = f"{'job':<22}" + "".join(f"{s:>16}" for s in names)
     if "pydm" in names and "nbdkit" in names:
         head += f"{'pydm/nbdkit':>13}{'goal':>6}"
     if "pydm" in names and "qemu-nbd" in names:
         head += f"{'pydm/qemu-nbd':>15}"
     if "pydm" in names and "pydm-base" in names:
         head += f"{'pydm/base':>11}"
-    print(f"medians of {args.runs} runs, {args.runtime} s each, 256 MiB random file, "
-          f"{fio_version()}")
+    print(f"medians of {args.runs} runs, {args.runtime} s each (a pass over the file for "
+          f"sequential cold jobs), {what}, {fio_version()}")
     print(head)
-    for name, _rw, _bs, _qd, metric in jobs:
-        row = f"{name:<18}" + "".join(f"{fmt(metric, med[(name, s)]):>16}" for s in names)
+    for name, _rw, _bs, _qd, metric, _t in jobs:
+        row = f"{name:<22}" + "".join(f"{fmt(metric, med[(name, s)]):>16}" for s in names)
         if "pydm" in names and "nbdkit" in names:
             ratio = med[(name, "pydm")] / med[(name, "nbdkit")]
-            goal = GOALS.get(name)
+            goal = goals.get(name)
             row += f"{ratio:>12.2f}x" + (f"{'>=' + str(goal):>6}" if goal else f"{'':>6}")
         if "pydm" in names and "qemu-nbd" in names:
             row += f"{med[(name, 'pydm')] / med[(name, 'qemu-nbd')]:>14.2f}x"
         if "pydm" in names and "pydm-base" in names:
             row += f"{med[(name, 'pydm')] / med[(name, 'pydm-base')]:>10.2f}x"
-        print(row)
+        print(row, flush=True)
     if args.json:
-        with open(args.json, "w") as f:
+        mode = "a" if os.path.exists(args.json) else "w"
+        with open(args.json, mode) as f:
             json.dump({f"{k[0]}|{k[1]}": v for k, v in samples.items()}, f, indent=1)
-    if not args.dir:
-        shutil.rmtree(work, ignore_errors=True)
+            f.write("\n")
 
 
 if __name__ == "__main__":
