@@ -1,5 +1,6 @@
 """Small helpers shared by the tests: synchronous bio submission and stores."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import threading
 import time
 
 from pydm.bio import Bio, READ, WRITE
+from pydm.control import Control
 
 SECTOR = 512
 
@@ -53,6 +55,20 @@ def make_image(path, size, fill=None):
         else:
             f.write(fill * (size // len(fill)))
     return os.fspath(path)
+
+
+@contextlib.contextmanager
+def era_control(tmp_path, nr_blocks, block_sectors):
+    """A Control working in ``tmp_path`` with ``meta.img`` (4 MiB) and an
+    ``origin.img`` of ``nr_blocks`` era blocks; on exit every device goes
+    and no store may be left open."""
+    c = Control()
+    c.cwd = str(tmp_path)
+    make_image(tmp_path / "meta.img", 4 << 20)
+    make_image(tmp_path / "origin.img", nr_blocks * block_sectors * 512)
+    yield c
+    c.shutdown()
+    assert c.stores.open_count() == 0
 
 
 # ------------------------------------------------ a pydm daemon in a subprocess

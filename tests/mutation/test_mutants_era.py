@@ -14,9 +14,8 @@ import threading
 
 import pytest
 
-from helpers import Waiter, do_io, make_image
+from helpers import era_control, Waiter, do_io
 from pydm.bio import Bio, READ, WRITE
-from pydm.control import Control
 from pydm.lockdep import make_event
 
 BS = 8                      # era block: 8 sectors
@@ -25,13 +24,8 @@ NR = 128                    # era blocks
 
 @pytest.fixture
 def env(tmp_path):
-    c = Control()
-    c.cwd = str(tmp_path)
-    make_image(tmp_path / "meta.img", 4 << 20)
-    make_image(tmp_path / "origin.img", NR * BS * 512)
-    yield c, tmp_path
-    c.shutdown()
-    assert c.stores.open_count() == 0
+    with era_control(tmp_path, NR, BS) as c:
+        yield c, tmp_path
 
 
 def _write_block(dev, blk, byte=b"w", n=1):

@@ -9,9 +9,8 @@ import time
 import pytest
 
 from era_patches import count_mark_commits, fail_next_commit, without_quiesce
-from helpers import Waiter, do_io, make_image
+from helpers import era_control, Waiter, do_io, make_image
 from pydm.bio import Bio, FLUSH, READ, REQ_PREFLUSH, WRITE
-from pydm.control import Control
 from pydm.errors import DMError
 
 BS = 8                      # era block: 8 sectors = 4 KiB
@@ -20,13 +19,8 @@ NR = 256                    # era blocks in the test device
 
 @pytest.fixture
 def env(tmp_path):
-    c = Control()
-    c.cwd = str(tmp_path)
-    make_image(tmp_path / "meta.img", 4 << 20)
-    make_image(tmp_path / "origin.img", NR * BS * 512)
-    yield c, tmp_path
-    c.shutdown()
-    assert c.stores.open_count() == 0
+    with era_control(tmp_path, NR, BS) as c:
+        yield c, tmp_path
 
 
 def era_table(tmp_path, origin=None, bs=BS, nr=NR):
