@@ -33,6 +33,8 @@ REQ_RAHEAD = 4      # read-ahead: may be failed instead of queued
 REQ_NOUNMAP = 8     # write-zeroes must allocate, not punch a hole (NBD NO_HOLE)
 REQ_NOFALLBACK = 16  # write-zeroes: fail with EOPNOTSUPP rather than write zeroes
                      # (NBD FAST_ZERO; the kernel's BLKDEV_ZERO_NOFALLBACK)
+REQ_NOWAIT = 32     # fail with EAGAIN rather than block (a read not in the page
+                    # cache); only targets with the NOWAIT feature pass it down
 
 _ids = count(1)
 

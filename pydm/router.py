@@ -15,6 +15,9 @@ Rules of this module:
 * Discard and write-zeroes are split at target ends only (unless a target
   asks for split discards) and fail with EOPNOTSUPP on a target that takes
   none.
+* ``REQ_NOWAIT`` reaches only targets with the ``NOWAIT`` feature: a clone
+  for any other target loses the flag, so that target may block as it
+  always did, and never answers EAGAIN for want of a wait.
 * No lock is taken for a bio that fits one target; a multi-fragment record
   takes its own small lock for the fragment count.  Nothing global.
 """
@@ -24,10 +27,11 @@ import logging
 from bisect import bisect_right
 
 from pydm import trace
-from pydm.bio import (Bio, DISCARD, FLUSH, READ, REQ_PREFLUSH, WRITE,
+from pydm.bio import (Bio, DISCARD, FLUSH, READ, REQ_NOWAIT, REQ_PREFLUSH, WRITE,
                       WRITE_ZEROES, SECTOR_SHIFT)
 from pydm.lockdep import make_lock
-from pydm.target import DELAY_REQUEUE, ENDIO_REQUEUE, KILL, REMAPPED, REQUEUE, SUBMITTED
+from pydm.target import (DELAY_REQUEUE, ENDIO_REQUEUE, KILL, NOWAIT, REMAPPED, REQUEUE,
+                         SUBMITTED)
 
 log = logging.getLogger("pydm.router")
 
@@ -184,7 +188,10 @@ def _split(dev, table, bio):
         if not data_op and not _copies(t, op):
             dev.io_done(bio, errno.EOPNOTSUPP)
             return
-        c = Bio(op, sector, bio.nr_sectors, bio.data, bio.flags, _clone_done)
+        flags = bio.flags
+        if flags & REQ_NOWAIT and not t.features & NOWAIT:
+            flags &= ~REQ_NOWAIT
+        c = Bio(op, sector, bio.nr_sectors, bio.data, flags, _clone_done)
         c.io = _Io(dev, bio, table, 1)
         c.target = t
         _dispatch(t, c, dev)
@@ -230,12 +237,15 @@ def _split_many(dev, table, bio, data_op):
     base = sector
     flags = bio.flags
     for t, s, n, i in frags:
+        f = flags
+        if f & REQ_NOWAIT and not t.features & NOWAIT:
+            f &= ~REQ_NOWAIT
         if data is not None:
             lo = (s - base) << SECTOR_SHIFT
             d = data[lo:lo + (n << SECTOR_SHIFT)]
         else:
             d = None
-        c = Bio(op, s, n, d, flags, _clone_done)
+        c = Bio(op, s, n, d, f, _clone_done)
         c.io = io
         c.target = t
         c.bio_nr = i

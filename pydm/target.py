@@ -41,6 +41,11 @@ ENDIO_REQUEUE = 2
 SINGLETON = 1          # must be the only target in its table
 ALWAYS_WRITEABLE = 2   # refuses read-only tables
 IMMUTABLE = 4          # the table may not later be replaced by other types
+NOWAIT = 8             # passes REQ_NOWAIT down as is on what it remaps, and
+                       # takes an EAGAIN from below as no fault (only "retry
+                       # where blocking is fine"); what it reads by itself may
+                       # still block.  The router strips REQ_NOWAIT from bios
+                       # bound for any other target.
 
 STATUS_INFO = "info"
 STATUS_TABLE = "table"

@@ -18,7 +18,7 @@ from pydm.bio import FLUSH, READ
 from pydm.errors import TargetError
 from pydm.lockdep import make_condition
 from pydm.table import quote_arg
-from pydm.target import REMAPPED, STATUS_TABLE, SUBMITTED, Target, parse_uint
+from pydm.target import NOWAIT, REMAPPED, STATUS_TABLE, SUBMITTED, Target, parse_uint
 from pydm.targets.linear import area_block_status, open_area
 
 import threading
@@ -38,6 +38,7 @@ class DelayTarget(Target):
     name = "delay"
     version = (1, 4, 0)
     description = "delay reads, writes and flushes (slow-disk emulation)"
+    features = NOWAIT     # reads are remapped as they are
 
     def ctr(self, args):
         if len(args) not in (3, 6, 9):

@@ -62,7 +62,7 @@ from pydm.bio import FLUSH, READ
 from pydm.devio import DeviceBytes
 from pydm.errors import PydmError, TargetError
 from pydm.table import quote_arg
-from pydm.target import REMAPPED, STATUS_TABLE, SUBMITTED, Target, parse_uint
+from pydm.target import NOWAIT, REMAPPED, STATUS_TABLE, SUBMITTED, Target, parse_uint
 from pydm.targets.era_tracker import METADATA_BLOCK_SECTORS, EraTracker, open_metadata
 from pydm.targets.linear import area_block_status
 
@@ -77,6 +77,7 @@ class EraTarget(Target):
     name = "era"
     version = (1, 0, 0)
     description = "changed-block tracking (dm-era metadata)"
+    features = NOWAIT     # reads are remapped as they are
 
     def ctr(self, args):
         self.tracker = None

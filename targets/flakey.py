@@ -27,7 +27,8 @@ import time
 from pydm.bio import READ, WRITE, WRITE_OPS
 from pydm.errors import TargetError
 from pydm.table import quote_arg
-from pydm.target import DONE, KILL, REMAPPED, STATUS_TABLE, SUBMITTED, Target, parse_uint
+from pydm.target import (DONE, KILL, NOWAIT, REMAPPED, STATUS_TABLE, SUBMITTED, Target,
+                         parse_uint)
 from pydm.targets.linear import area_block_status, open_area
 
 MAX_FEATURE_ARGS = 11
@@ -39,6 +40,7 @@ class FlakeyTarget(Target):
     name = "flakey"
     version = (1, 5, 0)
     description = "fault injection: error, drop or corrupt I/O on a schedule"
+    features = NOWAIT     # reads are remapped as they are
 
     def ctr(self, args):
         if len(args) < 4:

@@ -8,7 +8,7 @@ pass through (one clone each) when ``<dev>`` supports them.
 from pydm import store as _store
 from pydm.errors import TargetError
 from pydm.table import quote_arg
-from pydm.target import REMAPPED, STATUS_TABLE, Target, parse_uint
+from pydm.target import NOWAIT, REMAPPED, STATUS_TABLE, Target, parse_uint
 
 
 def open_area(target, dev_arg: str, offset_arg: str):
@@ -42,6 +42,7 @@ class LinearTarget(Target):
     name = "linear"
     version = (1, 4, 0)
     description = "map onto a range of a store or device"
+    features = NOWAIT     # reads are remapped as they are
 
     def ctr(self, args):
         if len(args) != 2:

@@ -38,7 +38,7 @@ from pydm.devio import DeviceIO
 from pydm.errors import TargetError
 from pydm.lockdep import make_event, make_lock
 from pydm.table import quote_arg
-from pydm.target import DONE, REMAPPED, STATUS_TABLE, SUBMITTED, Target
+from pydm.target import DONE, NOWAIT, REMAPPED, STATUS_TABLE, SUBMITTED, Target
 from pydm.targets.logwrites import format as F
 from pydm.targets.logwrites.logger import LogWriter
 from pydm.targets.logwrites.order import LogOrder, Record
@@ -60,6 +60,7 @@ class LogWritesTarget(Target):
     name = "log-writes"
     version = (1, 1, 0)
     description = "log every write in the order it became durable (dm-log-writes format)"
+    features = NOWAIT     # reads are remapped as they are
 
     def ctr(self, args):
         self.logger = None

@@ -31,7 +31,7 @@ from pydm.bio import FLUSH, READ
 from pydm.caps import Caps, combine
 from pydm.errors import TargetError
 from pydm.table import quote_arg
-from pydm.target import ALWAYS_WRITEABLE, REMAPPED, STATUS_TABLE, SUBMITTED, Target
+from pydm.target import ALWAYS_WRITEABLE, NOWAIT, REMAPPED, STATUS_TABLE, SUBMITTED, Target
 from pydm.targets.writeboost import layout as L
 from pydm.targets.writeboost import tunables as T
 from pydm.targets.writeboost.engine import Engine
@@ -46,7 +46,7 @@ from pydm.targets.writeboost.writeback import Modulator, Writeback
 class WriteboostTarget(Target):
     name = "writeboost"
     version = (2, 2, 17)
-    features = ALWAYS_WRITEABLE
+    features = ALWAYS_WRITEABLE | NOWAIT    # uncached reads go to the backing as they are
     description = "log-structured write-back cache (dm-writeboost layout)"
 
     def ctr(self, args):

@@ -6,9 +6,10 @@ import pytest
 
 from helpers import Waiter, do_io
 from pydm import trace
-from pydm.bio import Bio, DISCARD, FLUSH, READ, REQ_FUA, REQ_PREFLUSH, WRITE, WRITE_ZEROES
+from pydm.bio import (Bio, DISCARD, FLUSH, READ, REQ_FUA, REQ_NOWAIT, REQ_PREFLUSH, WRITE,
+                      WRITE_ZEROES)
 from pydm.control import Control
-from pydm.target import KILL, SUBMITTED, Target, parse_uint
+from pydm.target import KILL, NOWAIT, SUBMITTED, Target, parse_uint
 
 LOG = []
 
@@ -35,6 +36,13 @@ class Rec(Target):
         return SUBMITTED
 
 
+class RecNowait(Rec):
+    """rec, declaring that it passes REQ_NOWAIT down."""
+
+    name = "rec-nowait"
+    features = NOWAIT
+
+
 class Nodiscard(Target):
     name = "nodiscard"
 
@@ -49,6 +57,7 @@ def control():
     c = Control()
     c.targets.register(Rec)
     c.targets.register(Nodiscard)
+    c.targets.register(RecNowait)
     yield c
     c.shutdown()
 
@@ -152,3 +161,15 @@ def test_remapped_result_without_device_is_caught(control):
     control.targets.register(Broken)
     dev = control.create("b", "0 8 broken\n")
     assert do_io(dev, READ, 0, 8)[0] == errno.EIO
+
+
+def test_req_nowait_reaches_only_targets_that_take_it(control):
+    dev = control.create("d", "0 100 rec-nowait 0\n100 100 rec 0\n")
+    for sector, n in ((0, 50), (120, 50), (90, 20)):     # one fragment each, then split
+        LOG.clear()
+        st, _buf = do_io(dev, READ, sector, n, flags=REQ_NOWAIT | REQ_FUA)
+        assert st == 0
+        flags = {begin: f for begin, _op, _s, _n, f, _nr, _len in LOG}
+        for begin, f in flags.items():
+            assert f & REQ_FUA                          # other flags always pass
+            assert bool(f & REQ_NOWAIT) == (begin == 0), (sector, begin, f)
