@@ -7,7 +7,10 @@ two faces over the same calls:
   ``write_at``, ``flush``, ``discard``, ``write_zeroes``, ``extents``; these
   raise ``OSError`` on failure;
 * a bio face for the router: ``submit(bio)`` runs the bio synchronously and
-  completes it with 0 or the errno of the failure (never raises).
+  completes it with 0 or the errno of the failure (never raises).  The one
+  exception is a ``REQ_NOWAIT`` read: what the page cache cannot answer at
+  once is queued on the calling thread's ring (``pydm.aio``) and completes
+  later on that thread, or, on a thread without a ring, fails with EAGAIN.
 
 Stores never take locks on the I/O path: pread/pwrite at explicit offsets are
 safe to run from many threads, and they release the GIL while they block.
@@ -19,6 +22,7 @@ import logging
 import os
 import stat
 
+from pydm import aio as _aio
 from pydm import bio as _bio
 from pydm.caps import Caps
 from pydm.lockdep import make_lock
@@ -33,6 +37,8 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 
 _fallocate = None
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+QUEUED = -1            # read_nowait: the read completes later, on the thread's ring
 
 log = logging.getLogger("pydm.store")
 
@@ -76,6 +82,13 @@ class Store:
     def readinto_at(self, buf, offset: int) -> None:
         raise NotImplementedError
 
+    def read_nowait(self, bio):
+        """Serve a ``REQ_NOWAIT`` read without waiting for a disk (never
+        raises): its status (0 or an errno, EAGAIN for "it would wait"),
+        ``QUEUED`` (it completes later on the calling thread's ring), or None
+        to read it the plain way (a store that never waits, like this one)."""
+        return None
+
     def read_at(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
         self.readinto_at(buf, offset)
@@ -116,6 +129,12 @@ class Store:
 
     # -- bio face ------------------------------------------------------
     def submit(self, bio) -> None:
+        if bio.flags & _bio.REQ_NOWAIT and bio.op == _bio.READ:
+            status = self.read_nowait(bio)
+            if status is not None:
+                if status != QUEUED:
+                    bio.complete(status)
+                return
         try:
             op = bio.op
             if op == _bio.READ:
@@ -185,6 +204,7 @@ class FileStore(Store):
             os.close(self.fd)
             raise PydmError(f"{path}: not a regular file or block device", errno.EINVAL)
         self.key = file_identity(st)
+        self.nowait = _RWF_NOWAIT is not None     # False once the kernel refused it
         self.refresh_size()
 
     def refresh_size(self) -> int:
@@ -212,6 +232,53 @@ class FileStore(Store):
                 mv[:] = bytes(len(mv))
                 return
             got += n
+
+    def read_nowait(self, bio):
+        # One preadv2(RWF_NOWAIT) answers from the page cache.  What it
+        # could not read goes to the calling thread's ring (the NBD reader's
+        # io_uring) and completes there later; without a ring the bio fails
+        # with EAGAIN, for its submitter to retry where blocking is fine.
+        if not self.nowait:
+            return None
+        buf = bio.data
+        offset = bio.sector << 9
+        ring = _aio.current()
+        got = 0
+        if ring is None or ring.probe():
+            try:
+                got = os.preadv(self.fd, [buf], offset, _RWF_NOWAIT)
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                if e.errno == errno.EOPNOTSUPP:
+                    self.nowait = False             # this file system cannot say
+                    return None
+                return e.errno or errno.EIO
+            if got == len(buf):
+                if ring is not None:
+                    ring.probed(True)
+                return 0
+            if ring is None:
+                return errno.EAGAIN
+            ring.probed(False)
+        rest = memoryview(buf)[got:] if got else buf
+        ring.read(self.fd, rest, offset + got, self._ring_done, (bio, rest, offset + got))
+        return QUEUED
+
+    def _ring_done(self, arg, res):
+        bio, rest, offset = arg
+        if res < 0:
+            bio.complete(-res)
+            return
+        if res < len(rest):
+            # Short: past the end of a file that shrank (zeroes), or a
+            # partial read; the plain path finishes it.
+            try:
+                self.readinto_at(memoryview(rest)[res:], offset + res)
+            except OSError as e:
+                bio.complete(e.errno or errno.EIO)
+                return
+        bio.complete(0)
 
     def read_at(self, offset, length):
         # one pread, no bytearray round trip: metadata reads are many and small
