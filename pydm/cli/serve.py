@@ -52,6 +52,16 @@ def register(sub):
     nbd.add_argument("--nbd-workers", type=int, default=None, metavar="N",
                      help="most worker threads per connection, for large requests and "
                           "replies completed elsewhere (default 4)")
+    nbd.add_argument("--aio", choices=("auto", "off"), default="auto",
+                     help="reads that miss the page cache: 'auto' queues them on the "
+                          "connection's io_uring (many in flight, like the client's "
+                          "queue depth) where the kernel allows it; 'off' reads them "
+                          "one at a time on the connection's thread (default auto)")
+    nbd.add_argument("--poll-max-us", type=float, default=None, metavar="US",
+                     help="the longest a connection polls its socket before it sleeps, "
+                          "adapting to the client (like QEMU's poll-max-ns): a client "
+                          "that waits for each reply gets it without a thread wake-up; "
+                          "0 never polls (default 100)")
     rv = p.add_argument_group("runtime verification")
     rv.add_argument("--rv", metavar="NAMES",
                     help="monitors to run from the start: 'all' or a comma-separated "
@@ -144,7 +154,7 @@ def nbd_listen_spec(args):
 
 
 def nbd_service(control, args):
-    from pydm.nbd.server import DEFAULT_WORKERS, HANDSHAKE_LIMIT, NBDServer
+    from pydm.nbd.server import DEFAULT_WORKERS, HANDSHAKE_LIMIT, POLL_MAX, NBDServer
     limit = HANDSHAKE_LIMIT if args.handshake_limit is None else args.handshake_limit
     if not limit > 0:
         raise PydmError(f"--handshake-limit must be a positive number of seconds, "
@@ -153,4 +163,6 @@ def nbd_service(control, args):
                      tls_certificates=args.tls_certificates,
                      tls_verify_peer=args.tls_verify_peer,
                      default_export=args.export_default, readonly=args.nbd_readonly,
-                     workers=DEFAULT_WORKERS if args.nbd_workers is None else args.nbd_workers)
+                     workers=DEFAULT_WORKERS if args.nbd_workers is None else args.nbd_workers,
+                     aio=args.aio,
+                     poll_max=POLL_MAX if args.poll_max_us is None else args.poll_max_us / 1e6)

@@ -13,6 +13,14 @@ Rules of this module:
   worker, so a 1 MiB pwrite overlaps the next recv; a large READ is read by
   the reader and its reply sent by a worker (``Outbox``), so the next pread
   overlaps this send (the send is the dearer half).
+* A READ with company (other requests in flight or already received) goes
+  down with ``REQ_NOWAIT``: the page cache answers it inline at the cost
+  of a plain read, and what must come from the disk is queued on the
+  connection's io_uring (``pydm.aio``), whose completions this thread reaps
+  whenever it would wait, so the disk sees the client's queue depth.  A
+  READ alone waits inline: there is nothing to overlap.  A NOWAIT read that
+  comes back EAGAIN (it reached its file on a thread with no ring, a delay
+  target's timer say) is read again, blocking, by a worker.
 * Every request is admitted against the connection's bounds before its
   buffer is taken (a reader over a bound flushes its batch and waits), and
   answered exactly once: its completion hands the encoded reply to the
@@ -27,9 +35,11 @@ Rules of this module:
 
 import errno
 import logging
+from errno import EAGAIN
 
 from pydm.bio import (Bio, DISCARD, FLUSH, READ, REQ_FUA, REQ_NOFALLBACK, REQ_NOUNMAP,
-                      REQ_PREFLUSH, WRITE, WRITE_ZEROES)
+                      REQ_NOWAIT, REQ_PREFLUSH, WRITE, WRITE_ZEROES)
+from pydm import aio
 from pydm.errors import nbd_error
 from pydm.nbd.exports import block_status
 from pydm.nbd.reader import RBUF_SIZE
@@ -74,10 +84,25 @@ class Dispatcher:
         self.leaving = conn.is_leaving      # stop waiting for memory
         self.read_pad = read_pad(self.structured)
         self.errors = 0
+        self.aio = conn.server.aio
+        self.ring = None
 
     def serve(self):
         """Run requests until the client disconnects (DISC, or a
         ``Disconnect`` / ``ProtocolError`` from below)."""
+        ring = self.ring = aio.open_ring() if self.aio == "auto" else None
+        aio.install(ring)
+        self.reader.ring = ring
+        try:
+            self._serve()
+        finally:
+            self.reader.ring = None
+            aio.install(None)
+            if ring is not None:
+                ring.close()           # every read in flight completes first
+                self.ring = None
+
+    def _serve(self):
         dev = self.dev
         submit = dev.submit
         session = self.session
@@ -93,6 +118,7 @@ class Dispatcher:
         read_done = self._read_done
         write_done = self._simple_done
         hand_off = self.hand_off
+        adm = self.adm
         while True:
             if rd.rend - rd.rpos < REQUEST_LEN:
                 fill(REQUEST_LEN)
@@ -115,8 +141,11 @@ class Dispatcher:
                 if not try_admit(length):
                     admit(length)
                 buf = pool.get(length)
+                # Alone (nothing else in flight or buffered), a read may as
+                # well wait here; with company it must not stall the others.
                 submit(Bio(READ, offset >> 9, length >> 9, buf.read_view(length, read_pad),
-                           0, read_done, (cookie, offset, buf, length, flags)))
+                           REQ_NOWAIT if adm.inflight > 1 or rd.rend > rd.rpos else 0,
+                           read_done, (cookie, offset, buf, length, flags)))
             elif cmd == CMD_WRITE:
                 if not try_admit(length):
                     admit(length)
@@ -143,8 +172,14 @@ class Dispatcher:
     def _admit(self, nbytes):
         adm = self.adm
         if not adm.try_admit(nbytes):
-            # Over a bound: our own batch holds replies that free memory.
-            adm.admit(nbytes, self.outbox.flush_pending, self.leaving)
+            # Over a bound: our own reads in flight and our own batch hold
+            # replies that free memory.
+            adm.admit(nbytes, self._before_wait, self.leaving)
+
+    def _before_wait(self):
+        if self.ring is not None:
+            self.ring.drain()
+        self.outbox.flush_pending()
 
     def _other(self, cmd, flags, cookie, offset, length):
         dev = self.dev
@@ -191,6 +226,11 @@ class Dispatcher:
     def _read_done(self, bio):
         cookie, offset, buf, n, flags = bio.private
         status = bio.status
+        if status == EAGAIN and bio.flags & REQ_NOWAIT and not self.outbox.closed:
+            # Not in the page cache: a worker reads it, blocking.
+            self.hand_off((self.dev.submit, Bio(READ, bio.sector, bio.nr_sectors, bio.data, 0,
+                                                self._read_done, bio.private)))
+            return
         if status:
             self._count_error(bio)
             parts = [error_reply(self.session, CMD_READ, cookie, nbd_error(status),

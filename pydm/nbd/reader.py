@@ -12,7 +12,13 @@ Rules of this module:
   ``read_exact``, ``read_into`` and ``skip``.
 * Before it blocks in a receive the reader sends the replies the outbox has
   batched (``Outbox.flush_pending``): a client waiting for them may be what
-  the next request waits on.
+  the next request waits on.  While reads are in flight on its ring it
+  waits for the socket and the ring together, and sends each completed
+  read's reply as it comes.
+* A receive that would block first polls the socket for a while
+  (``_recv_polling``: adaptive, never longer than ``poll_max``, off over
+  TLS and during the handshake), so a client that waits for every reply
+  does not also wait for this thread to wake up.
 * While ``deadline`` is set (the handshake) every receive, and every send
   that arms it, gets only what is left of the handshake's time, so a client
   trickling bytes cannot hold a connection slot for longer than that.
@@ -25,6 +31,10 @@ import socket
 import time
 
 RBUF_SIZE = 256 << 10
+POLL_MAX = 100e-6              # s: the longest a receive polls before it sleeps
+POLL_START = 25e-6             # s: the first window, once a short wait was seen
+_DONTWAIT = socket.MSG_DONTWAIT
+_clock = time.perf_counter
 
 
 class Disconnect(Exception):
@@ -36,9 +46,9 @@ class Reader:
     replaces); ``outbox`` is flushed before any receive that may block."""
 
     __slots__ = ("sock", "transport", "outbox", "rbuf", "rmv", "rpos", "rend",
-                 "fill_cap", "deadline")
+                 "fill_cap", "deadline", "ring", "poll_max", "spin")
 
-    def __init__(self, sock, transport, outbox):
+    def __init__(self, sock, transport, outbox, poll_max=POLL_MAX):
         self.sock = sock
         self.transport = transport
         self.outbox = outbox
@@ -50,6 +60,9 @@ class Reader:
         # again with the GIL held; recv_all_into takes it straight.
         self.fill_cap = RBUF_SIZE
         self.deadline = None        # monotonic time the handshake must end by
+        self.ring = None            # the connection's pydm.aio ring, while transmitting
+        self.poll_max = poll_max    # s: the longest a receive polls before it sleeps
+        self.spin = 0.0             # s: how long the next one polls (adaptive)
 
     def buffered(self) -> int:
         """Bytes received and not consumed yet."""
@@ -79,8 +92,16 @@ class Reader:
             self.arm_deadline()
         recv = self.transport.recv_into
         cap = self.fill_cap
+        ring = self.ring
+        polling = self.poll_max and self.deadline is None and not self.transport.tls
         while have < need:
-            n = recv(self.rmv[rend:], min(RBUF_SIZE - rend, max(cap, need - have)))
+            if ring is not None and ring.inflight:
+                self.await_ring(ring)
+            if polling:
+                n = self._recv_polling(self.rmv[rend:],
+                                       min(RBUF_SIZE - rend, max(cap, need - have)))
+            else:
+                n = recv(self.rmv[rend:], min(RBUF_SIZE - rend, max(cap, need - have)))
             if not n:
                 raise Disconnect()
             rend += n
@@ -88,6 +109,55 @@ class Reader:
             if have < need and self.deadline is not None:
                 self.arm_deadline()
         self.rend = rend
+
+    def _recv_polling(self, view, n) -> int:
+        """A receive that polls for up to ``spin`` seconds before it sleeps:
+        a client that waits for each reply sends its next request within
+        tens of microseconds, and waking a sleeping thread costs about as
+        much again.  Adaptive, as QEMU's event loop polling: the window
+        doubles (up to ``poll_max``) while the wait it could not cover was
+        short, and drops to nothing after a long one (an idle client costs
+        no CPU)."""
+        sock = self.sock
+        try:
+            return sock.recv_into(view, n, _DONTWAIT)
+        except BlockingIOError:
+            pass
+        start = _clock()
+        spin = self.spin
+        if spin:
+            end = start + spin
+            while _clock() < end:
+                try:
+                    return sock.recv_into(view, n, _DONTWAIT)
+                except BlockingIOError:
+                    pass
+        got = sock.recv_into(view, n)
+        self._adapt(_clock() - start)
+        return got
+
+    def _adapt(self, waited):
+        if waited <= self.poll_max:
+            if self.spin < self.poll_max:
+                self.spin = min(self.poll_max, max(self.spin * 2, POLL_START))
+        else:
+            self.spin = 0.0
+
+    def await_ring(self, ring):
+        """Before a receive that may block: wait for the socket *and* the
+        ring, sending the replies of reads as they complete.  (Over TLS,
+        bytes may sit decrypted where poll cannot see them: the ring is
+        drained first instead.)"""
+        outbox = self.outbox
+        if self.transport.tls:
+            ring.drain()
+        else:
+            fd = self.sock.fileno()
+            while not ring.wait(fd):
+                if outbox.pending:
+                    outbox.flush_pending()
+        if outbox.pending:
+            outbox.flush_pending()
 
     def read_exact(self, n) -> bytes:
         if self.rend - self.rpos < n:

@@ -33,6 +33,7 @@ from pydm.nbd.buffers import BufferPool
 from pydm.nbd.connection import STOP_DRAIN_TIMEOUT, Connection
 from pydm.nbd.exports import Catalog
 from pydm.nbd.handshake import TLS_MODES
+from pydm.nbd.reader import POLL_MAX
 from pydm.nbd.transport import make_tls_context, set_nodelay
 from pydm.nbd.workers import DEFAULT_WORKERS
 from pydm.sockets import Refusals, accept_loop, bind_unix, unlink_if_ours
@@ -42,12 +43,17 @@ log = logging.getLogger("pydm.nbd")
 DEFAULT_PORT = 10809
 HANDSHAKE_LIMIT = 10.0         # s for the whole handshake (qemu-nbd's default)
 MAX_CONNECTIONS = 256
+AIO_MODES = ("auto", "off")
 
 
 class NBDServer:
     """The NBD listener service of a pydm daemon (``start()`` / ``stop()``).
 
     ``listen`` is a list of ("tcp", host, port) and ("unix", path) entries.
+    ``aio`` is how a read that misses the page cache is served: "auto" on
+    the connection's io_uring where the kernel allows one, "off" inline.
+    ``poll_max`` (seconds) is the longest a connection's reader polls its
+    socket before it sleeps (0: never polls).
     ``handshake_limit`` bounds the whole handshake in seconds; the memory
     bounds are admission.py's (per connection, its reserve, and the budget
     every connection draws from beyond its reserve).
@@ -58,7 +64,7 @@ class NBDServer:
                  default_export=None, readonly=False, workers=DEFAULT_WORKERS,
                  handshake_limit=HANDSHAKE_LIMIT, max_connections=MAX_CONNECTIONS,
                  max_inflight_bytes=MAX_INFLIGHT_BYTES, reserve=CONNECTION_RESERVE,
-                 budget=SERVER_BUDGET):
+                 budget=SERVER_BUDGET, aio="auto", poll_max=POLL_MAX):
         if tls not in TLS_MODES:
             raise PydmError(f"--tls must be one of {', '.join(TLS_MODES)}")
         self.control = control
@@ -69,6 +75,12 @@ class NBDServer:
             self.ssl_context = make_tls_context(tls_certificates, tls_verify_peer)
         self.catalog = Catalog(control, default_export, readonly)
         self.workers = workers
+        if aio not in AIO_MODES:
+            raise PydmError(f"--aio must be one of {', '.join(AIO_MODES)}")
+        self.aio = aio              # uncached reads: "auto" (io_uring where it works) or "off"
+        if not 0 <= poll_max <= 0.01:
+            raise PydmError("--poll-max-us must be between 0 and 10000")
+        self.poll_max = poll_max
         self.handshake_limit = handshake_limit
         self.max_connections = max_connections
         self.max_inflight_bytes = max_inflight_bytes
