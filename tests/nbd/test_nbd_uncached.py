@@ -175,3 +175,36 @@ def test_an_idle_connection_does_not_poll(cold):
         busy = (t1.user - t0.user) + (t1.system - t0.system)
         assert busy < 0.3, f"{busy:.2f} s of CPU while the only client was idle"
         assert c.pread(0, BLOCK)
+
+
+def test_suspend_and_resume_under_cold_reads(cold):
+    """The control thread suspends (waiting for every read in flight, some
+    of them on the reader's ring) and resumes again and again while a
+    client keeps cold reads in flight: every read is answered, right."""
+    with open(cold.path, "rb") as f:
+        image = f.read()
+    stop = threading.Event()
+    errors = []
+
+    def churn():
+        try:
+            while not stop.is_set():
+                cold.control.suspend("d", timeout=10)
+                cold.control.resume("d")
+        except Exception as e:          # reported by the test, not lost in a thread
+            errors.append(e)
+
+    t = threading.Thread(target=churn)
+    t.start()
+    rnd = random.Random(4)
+    try:
+        with Client(cold.addr, "d") as c:
+            for _ in range(20):
+                evict(cold.path)
+                offsets = [rnd.randrange(SIZE // BLOCK) * BLOCK for _ in range(32)]
+                for off, data in read_pipelined(c, offsets):
+                    assert data == image[off:off + BLOCK], off
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors
