@@ -32,6 +32,17 @@ def run(cmd, check=True, timeout=120, **kw):
     return r
 
 
+def evict(path):
+    """Drop a file from the page cache (written back first: dirty pages
+    stay), so the next reads of it go to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def make_disk(path, size=DISK_SIZE, data_at=((0, MiB),), seed=1):
     """A sparse image with random data in the given (offset, length) ranges."""
     import random

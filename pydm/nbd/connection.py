@@ -60,7 +60,7 @@ class Connection:
         self.workers = Workers(peer, server.workers)
         self.outbox = Outbox(sock, self.transport, self.wlock, peer, server.pool, self.adm,
                              self.workers)
-        self.reader = Reader(sock, self.transport, self.outbox, server.poll_max)
+        self.reader = Reader(sock, self.transport, self.outbox, self.adm, server.poll_max)
         self.leaving = False        # server stop: stop waiting for memory
         self.handshake = None
         self.dev = None

@@ -16,8 +16,9 @@ Rules of this module:
   waits for the socket and the ring together, and sends each completed
   read's reply as it comes.
 * A receive that would block first polls the socket for a while
-  (``_recv_polling``: adaptive, never longer than ``poll_max``, off over
-  TLS and during the handshake), so a client that waits for every reply
+  (``_recv_polling``: adaptive, never longer than ``poll_max``, only with
+  nothing in flight, off over TLS and during the handshake), so a client
+  that waits for every reply
   does not also wait for this thread to wake up.
 * While ``deadline`` is set (the handshake) every receive, and every send
   that arms it, gets only what is left of the handshake's time, so a client
@@ -43,12 +44,13 @@ class Disconnect(Exception):
 
 class Reader:
     """The receive side of one connection over ``transport`` (which STARTTLS
-    replaces); ``outbox`` is flushed before any receive that may block."""
+    replaces); ``outbox`` is flushed before any receive that may block;
+    ``adm`` says what is in flight."""
 
     __slots__ = ("sock", "transport", "outbox", "rbuf", "rmv", "rpos", "rend",
-                 "fill_cap", "deadline", "ring", "poll_max", "spin")
+                 "fill_cap", "deadline", "ring", "poll_max", "spin", "adm")
 
-    def __init__(self, sock, transport, outbox, poll_max=POLL_MAX):
+    def __init__(self, sock, transport, outbox, adm, poll_max=POLL_MAX):
         self.sock = sock
         self.transport = transport
         self.outbox = outbox
@@ -63,6 +65,7 @@ class Reader:
         self.ring = None            # the connection's pydm.aio ring, while transmitting
         self.poll_max = poll_max    # s: the longest a receive polls before it sleeps
         self.spin = 0.0             # s: how long the next one polls (adaptive)
+        self.adm = adm              # the connection's admission: what is in flight
 
     def buffered(self) -> int:
         """Bytes received and not consumed yet."""
@@ -114,10 +117,12 @@ class Reader:
         """A receive that polls for up to ``spin`` seconds before it sleeps:
         a client that waits for each reply sends its next request within
         tens of microseconds, and waking a sleeping thread costs about as
-        much again.  Adaptive, as QEMU's event loop polling: the window
-        doubles (up to ``poll_max``) while the wait it could not cover was
-        short, and drops to nothing after a long one (an idle client costs
-        no CPU)."""
+        much again.  Only with nothing in flight: while replies are still
+        to come the client's next request waits on them, and the workers
+        sending them need the CPU.  Adaptive, as QEMU's event loop
+        polling: the window doubles (up to ``poll_max``) while the wait it
+        could not cover was short, and drops to nothing after a long one
+        (an idle client costs no CPU)."""
         sock = self.sock
         try:
             return sock.recv_into(view, n, _DONTWAIT)
@@ -125,7 +130,7 @@ class Reader:
             pass
         start = _clock()
         spin = self.spin
-        if spin:
+        if spin and not self.adm.inflight:
             end = start + spin
             while _clock() < end:
                 try:

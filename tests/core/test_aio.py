@@ -12,6 +12,7 @@ import pytest
 from pydm import aio
 from pydm.bio import READ, REQ_NOWAIT, Bio
 from pydm.store import FileStore
+from nbd_support import evict
 
 pytestmark = pytest.mark.skipif(not aio.available(), reason="io_uring is not usable here")
 
@@ -30,10 +31,14 @@ def image(tmp_path):
     return path, data
 
 
-def evict(path):
-    fd = os.open(path, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
+@pytest.fixture
+def installed():
+    """A ring installed on this thread (as the NBD reader installs its own)."""
+    ring = aio.open_ring(16)
+    aio.install(ring)
+    yield ring
+    aio.install(None)
+    ring.close()
 
 
 def test_reads_complete_once_each_with_their_data(image):
@@ -104,18 +109,12 @@ def test_wait_returns_for_the_socket_or_for_completions(image):
         b.close()
 
 
-def test_each_thread_sees_only_its_own_ring():
-    ring = aio.open_ring(4)
-    aio.install(ring)
+def test_each_thread_sees_only_its_own_ring(installed):
     seen = []
     t = threading.Thread(target=lambda: seen.append(aio.current()))
     t.start()
     t.join()
-    try:
-        assert aio.current() is ring and seen == [None]
-    finally:
-        aio.install(None)
-        ring.close()
+    assert aio.current() is installed and seen == [None]
 
 
 def test_stats_count_the_reads_queued(image):
@@ -165,37 +164,29 @@ def test_an_uncached_nowait_read_without_a_ring_says_eagain(image):
         store.close()
 
 
-def test_an_uncached_nowait_read_completes_on_the_threads_ring(image):
+def test_an_uncached_nowait_read_completes_on_the_threads_ring(image, installed):
     path, data = image
     evict(path)
     store = FileStore(path, readonly=True)
-    ring = aio.open_ring(16)
-    aio.install(ring)
     try:
         reads = [nowait_read(store, off, 64 << 10) for off in range(0, SIZE, 512 << 10)]
-        ring.drain()
+        installed.drain()
         for (bio, out), off in zip(reads, range(0, SIZE, 512 << 10)):
             assert out == {"status": 0}
             assert bio.data == data[off:off + (64 << 10)]
     finally:
-        aio.install(None)
-        ring.close()
         store.close()
 
 
-def test_a_file_that_shrank_reads_zeroes_past_its_end(image, tmp_path):
+def test_a_file_that_shrank_reads_zeroes_past_its_end(image, installed):
     path, data = image
     store = FileStore(path)
-    ring = aio.open_ring(4)
-    aio.install(ring)
     try:
         os.truncate(path, SIZE - 2048)              # the store still thinks SIZE
         evict(path)
         bio, out = nowait_read(store, SIZE - BLOCK)
-        ring.drain()
+        installed.drain()
         assert out == {"status": 0}
         assert bio.data == data[SIZE - BLOCK:SIZE - 2048] + bytes(2048)
     finally:
-        aio.install(None)
-        ring.close()
         store.close()

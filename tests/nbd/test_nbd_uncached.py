@@ -16,19 +16,12 @@ import pytest
 from pydm import aio
 from pydm.control import Control
 from pydm.nbd import wire as P
-from nbd_support import MiB, need, run, start_server
+from nbd_support import MiB, evict, need, run, start_server
 from nbdclient import Client
 
 SIZE = 16 * MiB
 BLOCK = 4096
 
-def evict(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture(params=["auto", "off"])
@@ -62,6 +55,14 @@ def read_pipelined(c, offsets, length=BLOCK):
     return got
 
 
+def check_cold_reads(c, s, image, rnd, count):
+    """Evict the image, then ``count`` pipelined 4 KiB reads at random."""
+    evict(s.path)
+    offsets = [rnd.randrange(SIZE // BLOCK) * BLOCK for _ in range(count)]
+    for off, data in read_pipelined(c, offsets):
+        assert data == image[off:off + BLOCK], off
+
+
 def test_pipelined_reads_of_an_evicted_image_are_right(cold):
     with open(cold.path, "rb") as f:
         image = f.read()
@@ -69,10 +70,7 @@ def test_pipelined_reads_of_an_evicted_image_are_right(cold):
     before = aio.stats()["queued"]
     with Client(cold.addr, "d") as c:
         for _ in range(4):
-            evict(cold.path)
-            offsets = [rnd.randrange(SIZE // BLOCK) * BLOCK for _ in range(64)]
-            for off, data in read_pipelined(c, offsets):
-                assert data == image[off:off + BLOCK], off
+            check_cold_reads(c, cold, image, rnd, 64)
             for off, data in read_pipelined(c, [0, 4 * MiB, 8 * MiB], MiB):
                 assert data == image[off:off + MiB], off
     queued = aio.stats()["queued"] - before
@@ -200,10 +198,7 @@ def test_suspend_and_resume_under_cold_reads(cold):
     try:
         with Client(cold.addr, "d") as c:
             for _ in range(20):
-                evict(cold.path)
-                offsets = [rnd.randrange(SIZE // BLOCK) * BLOCK for _ in range(32)]
-                for off, data in read_pipelined(c, offsets):
-                    assert data == image[off:off + BLOCK], off
+                check_cold_reads(c, cold, image, rnd, 32)
     finally:
         stop.set()
         t.join()
