@@ -160,7 +160,10 @@ class Ring:
 
     def read(self, fd, buf, offset, callback, arg) -> None:
         """Read ``len(buf)`` bytes at ``offset`` of ``fd`` into ``buf``;
-        ``callback(arg, result)`` runs on this thread once it is done."""
+        ``callback(arg, result)`` runs on this thread once it is done.
+        It goes to the kernel at once: holding reads back to submit a burst
+        with one system call measured no better (IOPS and CPU per request
+        within the noise, cold randread 4k QD16)."""
         u = self.u
         sqe = u.io_uring_get_sqe(self.ring)
         if sqe is None:                 # the submission queue is full: push it
@@ -219,12 +222,12 @@ class Ring:
         """Block until ``fd`` is readable (True) or some reads have completed
         and their callbacks have run (False: the caller sends what they
         produced and waits again).  With nothing in flight, True at once."""
+        if self.queued:
+            self.submit()
         if self.reap():
             return False
         if not self.inflight:
             return True
-        if self.queued:
-            self.submit()
         poller = self.poller
         if poller is None:
             poller = self.poller = select.poll()
