@@ -4,7 +4,7 @@ page cache goes to the disk without holding up the thread that asked for it.
 Rules of this module:
 
 * A ``Ring`` belongs to the thread that made it (an NBD connection's reader)
-  and is used from that thread only, so nothing here takes a lock.  The
+  and is used from that thread only, so the I/O path takes no lock.  The
   thread installs it (``install``) for the code below it: a store asked to
   read with ``REQ_NOWAIT`` uses ``current()``, as a kernel driver uses the
   task's plug.  Any other thread has no ring, and such a read answers
@@ -21,8 +21,9 @@ Rules of this module:
   reaped: the kernel writes into them until then.
 * The owner must never block on anything that waits for one of its own
   queued reads (only ``wait`` and ``drain`` reap them).  The NBD reader
-  blocks only in a receive, which waits through ``wait``, and before an
-  admission wait, which ``drain``s first.
+  blocks in a receive, which waits through ``wait``; in an admission wait,
+  which ``drain``s first; and in its own synchronous I/O (a write, a
+  flush, a large read), which waits for no read of the ring.
 * Lock (a leaf, from ``pydm.lockdep``): ``aio.stats`` guards the set of open
   rings, taken when a ring opens or closes and by ``stats``.
 * The ring is the ``liburing`` binding's (io_uring(7)); where it cannot be

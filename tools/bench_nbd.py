@@ -11,9 +11,11 @@ Cold section: the same, on a 1 GiB file of random data that is evicted from
 the page cache (fdatasync, then posix_fadvise(POSIX_FADV_DONTNEED) on the
 whole file) before every fio run, for the read jobs: randread 4k QD16 and
 QD1 (time-based) and read 1m QD4 (one pass over the file, so no block is
-read twice; each round of it starts with one discarded pass, as the first
-sequential pass after the random jobs is slow for any server).  What a VM
-image that is not in the host's cache sees.
+read twice): what a VM image that is not in the host's cache sees.
+
+In both sections each job's round starts with one discarded run on its
+first server: the first run after a change of job was up to 3x slower
+whichever server took it.
 
     .venv/bin/python tools/bench_nbd.py [--runs 3] [--runtime 4] [--dir DIR]
         [--cold | --warm]                               # one section only
@@ -143,15 +145,16 @@ def section(args, work, image, size, names, jobs, goals, before_run, what):
         for r in range(args.runs):
             for j, (name, rw, bs, qd, metric, timed) in enumerate(jobs):
                 order = names[(r + j) % len(names):] + names[:(r + j) % len(names)]
-                if before_run is not None and not timed:
-                    # A discarded pass first: the first sequential pass after
-                    # the random jobs ran at a third of the speed of the next
-                    # ones, whichever server it hit (host-side caching below
-                    # the VM), which skewed whoever came first in a round.
-                    _proc, port, export = servers[order[0]]
+                # A discarded run first, on the round's first server: the
+                # first run after a change of job was up to 3x slower
+                # whichever server took it (the cold sequential pass after
+                # the random jobs; warm, the 1 MiB reads after QD1), and
+                # with 4 servers in 5 rounds one server comes first twice.
+                _proc, port, export = servers[order[0]]
+                if before_run is not None:
                     before_run(image)
-                    run_fio(f"nbd://127.0.0.1:{port}/{export}", rw, bs, qd, None,
-                            size=f"{size >> 20}m")
+                run_fio(f"nbd://127.0.0.1:{port}/{export}", rw, bs, qd,
+                        min(args.runtime, 2) if timed else None, size=f"{size >> 20}m")
                 for s in order:
                     _proc, port, export = servers[s]
                     if before_run is not None:
