@@ -90,7 +90,9 @@ class ClaimRegistry:
             for other in held.values():
                 if conflict(c, other):
                     what = "used" if c.role == "data" else f"the {c.role}"
-                    raise TargetError(f"{c.where} cannot be {what}: the same file is already "
+                    noun = ("file" if isinstance(c.key, tuple) and c.key[:1] in (("file",), ("blk",))
+                            else "store")
+                    raise TargetError(f"{c.where} cannot be {what}: the same {noun} is already "
                                       f"{describe(other, other.table is c.table)}",
                                       errno.EBUSY)
             c.id = next(self._ids)

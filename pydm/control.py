@@ -18,7 +18,6 @@ Rules of this module:
 import errno
 import functools
 import itertools
-import os
 import re
 import threading
 
@@ -28,7 +27,7 @@ from pydm.device import MappedDevice
 from pydm.errors import DMError, TargetError
 from pydm.lockdep import make_lock
 from pydm.registry import TargetRegistry
-from pydm.store import StorePool
+from pydm.store_registry import StorePool
 from pydm.table import Table
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+:@-][A-Za-z0-9_.+:@-]{0,126}$")
@@ -105,16 +104,16 @@ class Control:
 
     def _resolve(self, arg: str, readonly: bool, for_dev, cwd=None, table=None,
                  role="data", area=None, exclusive=False):
-        """Open what a table argument names: a pydm device or a file.
+        """Open what a table argument names: a pydm device, or a store of
+        any plugin (``pydm.store_registry``: a file, ``nbd://...``).
 
         A relative file path is taken relative to ``cwd``: the client's
-        working directory, or the directory of the config file.  A file is
+        working directory, or the directory of the config file.  A store is
         claimed for ``role`` (see ``pydm.claims``) before it is handed out.
         """
         name = device_ref(arg)
         if name is None:
-            path = os.path.join(cwd, arg) if cwd else arg
-            store = self.stores.acquire(path, readonly)
+            store = self.stores.acquire(arg, readonly, cwd)
             claim = Claim(store.key, for_dev, table, role, area, exclusive,
                           not readonly, arg)
             try:

@@ -93,7 +93,17 @@ HANDLERS = {
     "wait": lambda c, a: c.wait(a["name"], a.get("event_nr"), a.get("timeout")),
     "targets": lambda c, a: [{"name": n, "version": list(v), "description": d}
                              for n, v, d in c.targets.available()],
+    "stores": lambda c, a: _stores(c),
 }
+
+
+def _stores(c):
+    plugins, broken = c.stores.registry.plugins()
+    out = [{"name": "dm", "schemes": ["dm"], "loaded": True}]    # devices: the core's own
+    out += [{"name": n, "schemes": s, "loaded": True} for n, s in plugins]
+    out += [{"name": n, "schemes": [], "loaded": False, "error": why}
+            for n, why in sorted(broken.items())]
+    return out
 
 
 class ControlServer:

@@ -14,7 +14,8 @@ two faces over the same calls:
 
 Stores never take locks on the I/O path: pread/pwrite at explicit offsets are
 safe to run from many threads, and they release the GIL while they block.
-``StorePool`` shares one open store per file among all tables that use it.
+Which plugin opens a table's store argument, and the pool that shares open
+stores among tables, are ``pydm.store_registry``'s.
 """
 
 import errno
@@ -25,7 +26,6 @@ import stat
 from pydm import aio as _aio
 from pydm import bio as _bio
 from pydm.caps import Caps
-from pydm.lockdep import make_lock
 from pydm.errors import PydmError, strerror
 
 # Extent flags, shared with NBD base:allocation (same bit values).
@@ -416,66 +416,3 @@ class CountingStore:
     def flush(self):
         self.flushes += 1
         self.inner.flush()
-
-
-class StorePool:
-    """Open files shared by every table that names them, refcounted.
-
-    A file is known by its identity (``file_identity``), so two names of one
-    file share one store, and a path that now names a different file (the
-    old one was replaced) opens the new one.  Taking a shared store reads
-    its size again: the file may have grown since it was opened.  A file
-    opened read-only and later wanted read-write is reopened (the read-only
-    handle stays valid for its current users).
-    """
-
-    def __init__(self, lock_factory=None, opener=None):
-        self._lock = lock_factory() if lock_factory else make_lock("store.pool")
-        self._open = {}   # (identity, readonly) -> [store, refcount]
-        # opener(path, readonly) -> a store with FileStore's face (``key``,
-        # ``refresh_size``, ``close``); FileStore itself by default.
-        self._opener = opener or FileStore
-
-    def acquire(self, path: str, readonly: bool = False) -> FileStore:
-        try:
-            key = (file_identity(os.stat(path)), readonly)
-        except OSError:
-            key = None           # FileStore says why in its own words
-        if key is not None:
-            with self._lock:
-                entry = self._open.get(key)
-                if entry is not None:
-                    entry[1] += 1
-                    store = entry[0]
-            if entry is not None:
-                try:
-                    store.refresh_size()
-                except OSError:
-                    pass
-                return store
-        store = self._opener(path, readonly)
-        key = (store.key, readonly)
-        with self._lock:
-            entry = self._open.get(key)
-            if entry is not None:      # lost a race to open the same file
-                entry[1] += 1
-                store.close()
-                return entry[0]
-            self._open[key] = [store, 1]
-        return store
-
-    def release(self, store: FileStore) -> None:
-        key = (store.key, store.readonly)
-        with self._lock:
-            entry = self._open.get(key)
-            if entry is None or entry[0] is not store:
-                return
-            entry[1] -= 1
-            if entry[1] > 0:
-                return
-            del self._open[key]
-        store.close()
-
-    def open_count(self) -> int:
-        with self._lock:
-            return len(self._open)

@@ -100,7 +100,7 @@ class Daemon:
     fails ``stop``); ``wrapper`` (e.g. ``["prlimit", "--nofile=40:40"]``)
     runs it under another command."""
 
-    def __init__(self, tmp_path, config=None, extra=(), wrapper=(), sock=None):
+    def __init__(self, tmp_path, config=None, extra=(), wrapper=(), sock=None, env=None):
         self.sock = sock or tmp_path / "ctl.sock"
         # Append mode: the daemon writes through the same open file that
         # output() seeks to read, and with a shared offset a seek could make
@@ -116,7 +116,7 @@ class Daemon:
         if config is not None:
             args.insert(4, str(config))
         self.proc = subprocess.Popen([*wrapper, *args], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=pydm_env(self.sock), cwd=tmp_path)
+                                     env={**pydm_env(self.sock), **(env or {})}, cwd=tmp_path)
         # Ready when it says so: every listener is up by then (the control
         # socket alone is bound before the devices are created).
         deadline = time.monotonic() + 30

@@ -171,6 +171,18 @@ def cmd_targets(args):
         print(f"{t['name']:<16} v{'.'.join(map(str, t['version']))}")
 
 
+def cmd_stores(args):
+    plugins = _call(args, "stores")
+    if args.json:
+        print_json(plugins)
+        return
+    for p in plugins:
+        forms = ", ".join(f"{s}:" for s in p["schemes"])
+        if p["name"] == "file":
+            forms = "PATH, " + forms
+        print(f"{p['name']:<16} {forms if p['loaded'] else 'not loaded: ' + p['error']}")
+
+
 def cmd_deps(args):
     deps = _call(args, "deps", args.name)
     if args.json:
@@ -281,6 +293,7 @@ def register(sub):
     p.add_argument("name")
 
     add("targets", cmd_targets, "list the available target types")
+    add("stores", cmd_stores, "list the store plugins and the argument forms they take")
     add("version", cmd_version, "print the daemon version")
     return dm
 

@@ -5,7 +5,8 @@ The files under it then hold exactly what was durable."""
 
 import threading
 
-from pydm.store import FileStore, Store, StorePool
+from pydm.store import FileStore, Store
+from pydm.store_registry import StorePool
 
 
 class VolatileStore(Store):

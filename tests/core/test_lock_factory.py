@@ -26,7 +26,7 @@ def stray_primitives(source: str, name: str = "<text>"):
 
 def test_every_lock_is_made_by_the_factory():
     offenders = []
-    for top in ("pydm", "targets", "metadata"):
+    for top in ("pydm", "targets", "metadata", "stores"):
         for path in sorted((ROOT / top).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
             if rel == FACTORY:

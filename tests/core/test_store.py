@@ -8,7 +8,8 @@ from helpers import do_io, make_image
 from pydm.bio import READ, WRITE, Bio
 from pydm.control import Control
 from pydm.errors import PydmError
-from pydm.store import EXTENT_HOLE, EXTENT_ZERO, FileStore, MemStore, StorePool
+from pydm.store import EXTENT_HOLE, EXTENT_ZERO, FileStore, MemStore
+from pydm.store_registry import StorePool
 
 
 def test_file_store_byte_face(tmp_path):

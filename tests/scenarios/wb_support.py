@@ -20,7 +20,8 @@ import threading
 import time
 
 from pydm.cli import main as pydm_main
-from pydm.store import FileStore, StorePool
+from pydm.store import FileStore
+from pydm.store_registry import StorePool
 from pydm.targets.writeboost import layout as L
 from pydm.targets.writeboost import replay
 

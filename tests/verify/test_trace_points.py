@@ -14,7 +14,7 @@ EMIT = re.compile(r'trace\.emit\("(\w+)"')
 
 
 def _sources():
-    for top in ("pydm", "targets", "metadata"):
+    for top in ("pydm", "targets", "metadata", "stores"):
         for d, _dirs, files in os.walk(os.path.join(ROOT, top)):
             for f in files:
                 if f.endswith(".py") and f != "trace.py":

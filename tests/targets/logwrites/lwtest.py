@@ -9,7 +9,8 @@ import threading
 from helpers import do_io
 from pydm.bio import DISCARD, FLUSH, REQ_FUA, REQ_PREFLUSH, WRITE
 from pydm.control import Control
-from pydm.store import FileStore, StorePool
+from pydm.store import FileStore
+from pydm.store_registry import StorePool
 from lw_spec_reader import read_log
 
 SECTOR = 512

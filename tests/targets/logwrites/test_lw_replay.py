@@ -174,7 +174,8 @@ def test_a_full_log_stops_logging_and_io_goes_on(tmp_path, capsys):
 
 
 def test_a_failing_log_store_stops_logging_and_io_goes_on(tmp_path):
-    from pydm.store import FileStore, StorePool
+    from pydm.store import FileStore
+    from pydm.store_registry import StorePool
 
     class Failing(FileStore):
         fail = False

@@ -11,7 +11,8 @@ import pytest
 from helpers import Waiter
 from pydm.bio import Bio, REQ_FUA, WRITE
 from pydm.errors import DMError
-from pydm.store import FileStore, StorePool
+from pydm.store import FileStore
+from pydm.store_registry import StorePool
 from pydm.targets.writeboost import layout as L
 from wbtest import BLOCK, SB, SECTOR, SEGMENT, FaultyPool, KillablePool, Rig, stat
 

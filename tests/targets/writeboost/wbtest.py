@@ -7,7 +7,8 @@ import os
 from helpers import do_io
 from pydm.bio import FLUSH, READ, REQ_PREFLUSH, WRITE
 from pydm.control import Control
-from pydm.store import FileStore, StorePool
+from pydm.store import FileStore
+from pydm.store_registry import StorePool
 
 SECTOR = 512
 BLOCK = 4096

@@ -1,0 +1,1 @@
+"""Store plugins, installed as pydm.stores."""
