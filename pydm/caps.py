@@ -12,6 +12,9 @@ Rules of this module (nbdkit's rule, and the kernel's limit stacking):
 
   - ``flush`` / ``fua``: any part has state a flush makes durable (parts with
     nothing volatile, like ``zero``, are satisfied by every flush);
+  - ``unflushable``: any part may hold writes in a cache no flush reaches (an
+    NBD server that offers no flush); then nothing above claims ``flush`` or
+    ``fua`` (``settle`` turns them off), whatever the other parts offer;
   - ``discard``, ``write_zeroes``, ``fast_zero``, ``multi_conn``, ``cache``,
     ``extents``: every part must offer it;
   - ``readonly``: any part is read-only;
@@ -29,7 +32,8 @@ stores); ``write_zeroes`` - zeroing a range is supported; ``fast_zero`` - it
 is faster than writing zeroes (never falls back to writing them);
 ``multi_conn`` - every connection sees one consistent device, and a flush on
 one covers writes completed on all; ``cache`` - prefetch hints are taken;
-``extents`` - allocation status (``base:allocation``) can be answered.
+``extents`` - allocation status (``base:allocation``) can be answered;
+``unflushable`` - writes may be volatile and no flush makes them durable.
 """
 
 SECTOR = 512
@@ -39,12 +43,12 @@ MAX_PAYLOAD = 32 << 20          # the largest request the NBD server takes
 class Caps:
     __slots__ = ("readonly", "flush", "fua", "discard", "write_zeroes", "fast_zero",
                  "multi_conn", "cache", "extents", "min_block", "preferred_block",
-                 "max_block", "max_discard")
+                 "max_block", "max_discard", "unflushable")
 
     def __init__(self, readonly=False, flush=False, fua=False, discard=False,
                  write_zeroes=False, fast_zero=False, multi_conn=True, cache=True,
                  extents=True, min_block=SECTOR, preferred_block=4096,
-                 max_block=MAX_PAYLOAD, max_discard=0):
+                 max_block=MAX_PAYLOAD, max_discard=0, unflushable=False):
         self.readonly = readonly
         self.flush = flush
         self.fua = fua
@@ -58,21 +62,25 @@ class Caps:
         self.preferred_block = preferred_block
         self.max_block = max_block
         self.max_discard = max_discard
+        self.unflushable = unflushable
 
     def narrowed(self, **fields) -> "Caps":
         """A copy with ``fields`` narrowed: a flag given False turns off, a
-        flag given True stays what it was; a size is taken as given."""
+        flag given True stays what it was (``readonly`` and ``unflushable``
+        the other way round: True turns them on); a size is taken as given."""
         out = Caps(**{k: getattr(self, k) for k in self.__slots__})
         for k, v in fields.items():
-            if isinstance(v, bool) and k != "readonly":
+            if isinstance(v, bool) and k not in _STICKY:
                 v = v and getattr(self, k)
-            elif k == "readonly":
-                v = v or self.readonly
+            elif k in _STICKY:
+                v = v or getattr(self, k)
             setattr(out, k, v)
         out.settle()
         return out
 
     def settle(self):
+        if self.unflushable:
+            self.flush = self.fua = False
         if self.fast_zero and not self.write_zeroes:
             self.fast_zero = False
         if self.fua and not self.flush:
@@ -92,7 +100,8 @@ class Caps:
 
 
 # How each field combines side by side (the module rules, as data).
-_ANY = ("readonly", "flush", "fua")
+_ANY = ("readonly", "flush", "fua", "unflushable")
+_STICKY = ("readonly", "unflushable")      # narrowing can only turn these on
 _ALL = ("discard", "write_zeroes", "fast_zero", "multi_conn", "cache", "extents")
 _LARGEST = ("min_block", "preferred_block")
 _SMALLEST = ("max_block",)

@@ -60,6 +60,12 @@ class WriteboostTarget(Target):
             raise TargetError(f"backing {args[0]} is too small: {backing.size >> 9} sectors "
                               f"for a {self.len}-sector target")
         cache = self.ctx.get_device(args[1], role="cache", exclusive=True)
+        for role, dev, arg in (("backing", backing, args[0]), ("cache", cache, args[1])):
+            if dev.capabilities().unflushable:
+                # the log is freed once written back, and a segment counts as
+                # flushed once the cache says so: both need a real flush
+                raise TargetError(f"{role} {arg} cannot flush (its server offers no flush): "
+                                  f"writeboost could not make data durable on it", errno.EINVAL)
         try:
             self.geo = L.Geometry(cache.size)
         except L.LayoutError as e:

@@ -30,3 +30,21 @@ def test_narrowing_never_widens():
     c = Caps(min_block=4096, preferred_block=512, max_block=1 << 20)
     c.settle()
     assert c.preferred_block == 4096                 # never below the minimum
+
+
+def test_a_part_no_flush_reaches_takes_flush_and_fua_from_the_whole():
+    """A store whose writes may be volatile with no flush to make them
+    durable (an NBD server without flush) must not hide behind a part that
+    can flush: side by side, nothing claims flush or FUA, and narrowing can
+    never clear it."""
+    from pydm.caps import Caps, combine
+    disk = Caps(flush=True, fua=True)
+    remote = Caps(unflushable=True)
+    both = combine([disk, remote])
+    assert both.unflushable and not both.flush and not both.fua
+    assert combine([disk, Caps()]).flush            # a part with nothing volatile: fine
+    again = both.narrowed(unflushable=False, flush=True)
+    assert again.unflushable and not again.flush
+    settled = Caps(flush=True, fua=True, unflushable=True)
+    settled.settle()
+    assert not settled.flush and not settled.fua

@@ -365,6 +365,27 @@ def test_discard_is_refused_as_unsupported(rig):
     assert not rig.dev.capabilities().discard
 
 
+@pytest.mark.parametrize("role", ["backing", "cache"])
+def test_a_store_no_flush_reaches_is_refused(tmp_path, role):
+    """Writeboost frees its log once data is written back and counts a
+    segment as safe once the cache flushed: a store that may hold writes in
+    a cache no flush reaches (an NBD server with no flush) cannot be either."""
+    from pydm.caps import Caps
+
+    class Unflushable(FileStore):
+        def capabilities(self):
+            return Caps(unflushable=True)
+
+    def opener(path, readonly):
+        cls = Unflushable if os.path.basename(path) == f"{role}.img" else FileStore
+        return cls(path, readonly)
+    with pytest.raises(DMError, match=f"{role} .* cannot flush"):
+        Rig(tmp_path, stores=StorePool(opener=opener))
+    r = Rig(tmp_path)                                       # the same files, flushable
+    assert r.status()["state"] == ["active"]
+    r.close()
+
+
 def test_a_write_in_flight_completes_once(rig):
     w = Waiter()
     rig.dev.submit(Bio(WRITE, 0, 8, memoryview(bytearray(pattern(8, 4))), REQ_FUA, w))
