@@ -36,7 +36,7 @@ from pydm.lockdep import make_lock
 
 GROUP = "pydm.stores"
 # pydm's own plugins, for a source tree run without being installed
-_BUILTIN = {"file": "pydm.stores.file"}
+_BUILTIN = {"file": "pydm.stores.file", "nbd": "pydm.stores.nbd.plugin"}
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 log = logging.getLogger("pydm.store")

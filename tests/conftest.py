@@ -14,6 +14,9 @@ import pytest  # noqa: E402
 from pydm import lockdep  # noqa: E402
 from pydm.verify.session import Session  # noqa: E402
 
+# the ``server`` and ``remote`` fixtures: real NBD servers (nbdkit, qemu-nbd)
+pytest_plugins = ["remote_servers"]
+
 _rv = None
 
 

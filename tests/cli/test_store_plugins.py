@@ -41,7 +41,7 @@ def test_an_installed_plugin_serves_a_device(plugin_site, tmp_path, cli):
     try:
         listed = {line.split()[0]: line for line in cli("dm", "stores").stdout.splitlines()}
         assert listed["ram"].split()[1:] == ["ram:"]
-        assert set(listed) >= {"dm", "file", "ram"}
+        assert set(listed) >= {"dm", "file", "nbd", "ram"}
         cli("dm", "create", "ram0", "--table", "0 1024 linear ram://d1?size=1048576 0")
         assert cli("dm", "table", "ram0").stdout.split() == \
             ["0", "1024", "linear", "ram://d1?size=1048576", "0"]
@@ -66,6 +66,8 @@ def test_an_installed_plugin_serves_a_device(plugin_site, tmp_path, cli):
     ("ram://", "a ram disk needs a name"),
     ("ram://x?size=7", "size must be a positive multiple of 512"),
     ("zz://host/x", "unknown store scheme 'zz'"),
+    ("nbd://127.0.0.1:1/x", "127.0.0.1:1"),
+    ("nbd://host:99999/x", "port"),
 ])
 def test_a_bad_store_argument_is_one_line_and_changes_nothing(plugin_site, tmp_path, cli, arg, why):
     d = Daemon(tmp_path, env={"PYTHONPATH": str(plugin_site)})

@@ -48,6 +48,7 @@ def test_the_form_of_an_argument_picks_the_plugin(tmp_path):
     assert r.parse("TOY://a").plugin == "toy"
     # a colon in a plain file name is still a file
     assert r.parse("a:b.img", str(tmp_path)).ref == str(tmp_path / "a:b.img")
+    assert r.parse("nbd://localhost/x").plugin == "nbd"
 
 
 def test_an_unknown_scheme_says_which_ones_exist():
@@ -55,7 +56,7 @@ def test_an_unknown_scheme_says_which_ones_exist():
     with pytest.raises(PydmError) as e:
         r.parse("s3://bucket/disk")
     assert "unknown store scheme 's3'" in str(e.value)
-    assert "dm" in str(e.value) and "file" in str(e.value)
+    assert "dm" in str(e.value) and "file" in str(e.value) and "nbd" in str(e.value)
     assert "\n" not in str(e.value)
 
 
@@ -70,6 +71,7 @@ def test_the_installed_plugins_are_listed():
     plugins, broken = StoreRegistry().plugins()
     names = dict(plugins)
     assert names["file"] == ["file"]
+    assert set(names["nbd"]) >= {"nbd", "nbds", "nbd+unix", "nbds+unix"}
     assert broken == {}
 
 
