@@ -1,6 +1,7 @@
 """Helpers of the NBD tests (the fixtures are in conftest.py): disks,
 external clients, an in-process server."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -30,6 +31,17 @@ def run(cmd, check=True, timeout=120, **kw):
         raise AssertionError(f"{cmd!r} exited {r.returncode}\nstdout:\n{r.stdout}\n"
                              f"stderr:\n{r.stderr}")
     return r
+
+
+def fio(uri, *options, timeout=300):
+    """One fio job over NBD; its JSON result (fio must exit 0: no I/O or
+    verify error)."""
+    r = run(["fio", "--name=job", "--ioengine=nbd", f"--uri={uri}",
+             "--output-format=json", *options], check=False, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
+    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    assert job["error"] == 0, job["error"]
+    return job
 
 
 def evict(path):

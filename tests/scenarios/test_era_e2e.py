@@ -29,13 +29,18 @@ def need(*tools):
 
 
 class EraStack:
-    def __init__(self, tmp_path):
+    """A daemon serving ``vol``: era over ``origin`` (a local image by
+    default; any store argument, e.g. ``nbd://...``)."""
+
+    def __init__(self, tmp_path, origin=None):
         self.tmp = tmp_path
-        make_image(tmp_path / "origin.img", SIZE)
+        if origin is None:
+            make_image(tmp_path / "origin.img", SIZE)
+            origin = "origin.img"
         make_image(tmp_path / "meta.img", 16 << 20)
         (tmp_path / "pydm.toml").write_text(
             '[[device]]\nname = "vol"\n'
-            f'table = "0 {SIZE >> 9} era meta.img origin.img {BLOCK >> 9}"\n')
+            f'table = "0 {SIZE >> 9} era meta.img {origin} {BLOCK >> 9}"\n')
         self.nbd = str(tmp_path / "nbd.sock")
         self.uri = f"nbd+unix:///vol?socket={self.nbd}"
         self.daemon = None

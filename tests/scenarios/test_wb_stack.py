@@ -15,6 +15,7 @@ import threading
 import pytest
 
 from helpers import Cli, Daemon
+import nbd_support
 from nbd_support import need, run
 from nbdclient import Client
 from pydm.control import Control
@@ -24,14 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def fio(uri, *options, timeout=300):
-    """One fio job over NBD; its JSON result (fio must exit 0: no I/O or
-    verify error)."""
-    r = run(["fio", "--name=wb", "--ioengine=nbd", f"--uri={uri}", "--bs=4k",
-             "--output-format=json", *options], check=False, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr
-    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
-    assert job["error"] == 0, job["error"]
-    return job
+    return nbd_support.fio(uri, "--bs=4k", *options, timeout=timeout)
 
 
 def unix_uri(sock, export):
