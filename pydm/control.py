@@ -30,6 +30,12 @@ from pydm.registry import TargetRegistry
 from pydm.store_registry import StorePool
 from pydm.table import Table
 
+# Minors are unique in the process, as the kernel's are on the machine: two
+# Controls may live side by side (a pydm stacked on another over NBD, in one
+# process), and the runtime monitors know a device by its minor.  next() on
+# a count is atomic under the GIL.
+_MINORS = itertools.count(0)
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+:@-][A-Za-z0-9_.+:@-]{0,126}$")
 DEVICE_PREFIXES = ("dm:", "/dev/mapper/")
 
@@ -82,7 +88,6 @@ class Control:
         self.claims = ClaimRegistry()
         self._lock = make_lock("control.registry")
         self._devices = {}
-        self._minors = itertools.count(0)
         self._workers = []
         self._workers_lock = make_lock("control.workers")
 
@@ -174,7 +179,7 @@ class Control:
             if uuid and any(d.uuid == uuid for d in self._devices.values()):
                 raise DMError(f"uuid {uuid} already in use", errno.EBUSY)
             dev = MappedDevice(name, uuid, readonly)
-            dev.minor = next(self._minors)
+            dev.minor = next(_MINORS)
             self._devices[name] = dev
         if trace.on.dev_create:
             trace.emit("dev_create", dev=name, minor=dev.minor)

@@ -194,3 +194,42 @@ def test_tls_needs_certificates():
         NBDServer(Control(), [], tls="require")
     with pytest.raises(PydmError, match="cannot load TLS certificate"):
         NBDServer(Control(), [], tls="on", tls_certificates="/nonexistent")
+
+
+def test_a_pydm_store_over_tls_with_certificates(tls_required, certs, tmp_path):
+    """pydm stacked on another pydm over the network: a linear device over
+    an nbds:// store, verified with the client certificates; the table
+    prints the URI canonically, and a store without the certificates is
+    refused in one line with the device unchanged."""
+    pytest.importorskip("nbd")
+    from pydm.errors import DMError
+    uri = _tls_uri(tls_required, certs["client"])
+    front = Control()
+    try:
+        front.create("front", f"0 {DISK_SIZE >> 9} linear {uri} 0")
+        line = front.table("front")[0][3]
+        assert line == (f"nbds://localhost:{tls_required.port}/disk?tls-certificates="
+                        f"{certs['client']} 0"), line
+        with open(tls_required.image("disk.img"), "rb") as f:
+            want = f.read(1 << 20)
+        from helpers import do_io
+        from pydm.bio import READ, WRITE
+        status, got = do_io(front.get("front"), READ, 0, (1 << 20) >> 9)
+        assert status == 0 and bytes(got) == want
+        assert do_io(front.get("front"), WRITE, 4096, data=b"\x77" * 4096)[0] == 0
+        with open(tls_required.image("disk.img"), "rb") as f:
+            f.seek(4096 * 512)
+            assert f.read(4096) == b"\x77" * 4096
+    finally:
+        front.shutdown()
+    # (in one Control the plain URI would share the open TLS store: one disk)
+    other = Control()
+    try:
+        other.create("plain")
+        plain = f"nbd://localhost:{tls_required.port}/disk"
+        with pytest.raises(DMError) as e:
+            other.load("plain", f"0 {DISK_SIZE >> 9} linear {plain} 0")
+        assert "\n" not in str(e.value) and "cannot connect" in str(e.value)
+        assert other.table("plain") == []
+    finally:
+        other.shutdown()

@@ -5,13 +5,14 @@ era's changed blocks and ``tools/era-backup`` on a remote origin; and
 writeboost with a local cache in front of a slow (nbdkit delay filter)
 remote backing."""
 
+import json
 import os
 import subprocess
 
 import pytest
 
 from helpers import make_image
-from nbd_support import fio, need, start_server
+from nbd_support import fio, need, run, start_server
 from pydm.control import Control
 from wb_support import status as wb_status
 
@@ -107,6 +108,28 @@ def test_writeboost_with_a_local_cache_hides_a_slow_remote_backing(tmp_path, rem
                               served.unix_uri("wb")], capture_output=True, text=True,
                              timeout=120)
         assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    finally:
+        served.server.stop()
+        c.shutdown()
+
+
+def test_allocation_of_a_remote_disk_shows_through_pydm(tmp_path, remote):
+    """base:allocation passes up: nbdinfo --map through pydm's export of a
+    linear device over a remote sparse file shows the file's data and holes."""
+    need("nbdinfo")
+    r = remote("file", size=SIZE)
+    with open(r.image, "r+b") as f:
+        for off in (1 << 20, 9 << 20):
+            f.seek(off)
+            f.write(b"\xaa" * (1 << 20))
+    c = Control()
+    served = start_server(c, str(tmp_path), listen=[("unix", str(tmp_path / "nbd.sock"))])
+    try:
+        c.create("lin", f"0 {SECTORS} linear {r.uri} 0")
+        out = run(["nbdinfo", "--json", "--map", served.unix_uri("lin")]).stdout
+        data = [(e["offset"], e["length"]) for e in json.loads(out)
+                if not e["type"] & 1]
+        assert data == [(1 << 20, 1 << 20), (9 << 20, 1 << 20)], data
     finally:
         served.server.stop()
         c.shutdown()
