@@ -2,7 +2,8 @@
 socket while I/O runs (acceptance: no deadlock, every bio completed exactly once,
 no double remove, no lock-order report).  The tables include writeboost caches
 (loads over a cache another table of the same device still holds, drop_caches
-racing suspends and removes) and log-writes logs (marks racing the same).
+racing suspends and removes), log-writes logs (marks racing the same), and
+areas of a remote disk over the NBD store.
 
 PYDM_STRESS_SECONDS sets the length (default 30).
 """
@@ -65,6 +66,9 @@ class IoStats:
             self.outstanding.pop(bio.id, None)
 
 
+REMOTE_LOADS = []               # tables over the remote disk that loaded
+
+
 def control_worker(n, sock, tables, stop, errors):
     rnd = random.Random(n)
     c = ControlClient(str(sock))
@@ -76,10 +80,11 @@ def control_worker(n, sock, tables, stop, errors):
                              "message", "remove", "status", "info", "clear", "table",
                              "remove_force"])
             try:
-                if op == "create":
-                    c.call("create", name=name, table=rnd.choice(tables[name]))
-                elif op == "load":
-                    c.call("load", name=name, table=rnd.choice(tables[name]))
+                if op in ("create", "load"):
+                    table = rnd.choice(tables[name])
+                    c.call(op, name=name, table=table)
+                    if "nbd://" in table:
+                        REMOTE_LOADS.append(name)
                 elif op == "resume":
                     c.call("resume", name=name)
                 elif op == "suspend":
@@ -139,12 +144,15 @@ def all_stacks():
                      for ident, frame in sys._current_frames().items())
 
 
-def test_control_plane_stress(tmp_path, rv_session):
+def test_control_plane_stress(tmp_path, rv_session, remote):
     # Each name has its own files (two devices may not write one file), and
-    # one file is shared, so that loads racing for it meet the claims.
+    # one file is shared, so that loads racing for it meet the claims.  A
+    # remote disk (nbdkit, over the NBD store) has an area per name and one
+    # shared: stores open and close over the network under the races too.
     shared = make_image(tmp_path / "shared.img", 8 << 20)
+    far = remote("memory", size=(len(NAMES) + 1) * (4 << 20)).uri
     tables = {}
-    for name in NAMES:
+    for i, name in enumerate(NAMES):
         a = make_image(tmp_path / f"a-{name}.img", 8 << 20)
         b = make_image(tmp_path / f"b-{name}.img", 8 << 20)
         cache = make_image(tmp_path / f"c-{name}.img", 3 << 20)
@@ -162,11 +170,13 @@ def test_control_plane_stress(tmp_path, rv_session):
             f"0 4096 chk {a}\n4096 4096 error\n",
             "0 8192 linear dm:base 0\n",
             f"0 8192 linear {shared} 0\n",
+            f"0 8192 linear {far} {i * 8192}\n",
+            f"0 4096 linear {far} {len(NAMES) * 8192}\n4096 4096 linear {a} 0\n",
         ]
     b = make_image(tmp_path / "base.img", 8 << 20)
     control = Control()
     control.targets.register(Chk)
-    control.create("base", f"0 8192 linear {b} 0\n")
+    base_minor = control.create("base", f"0 8192 linear {b} 0\n").minor
     server = ControlServer(control, str(tmp_path / "ctl.sock"))
     server.start()
     stats = IoStats()
@@ -216,6 +226,7 @@ def test_control_plane_stress(tmp_path, rv_session):
         removes[e["minor"]] = removes.get(e["minor"], 0) + 1
     assert removes and all(v == 1 for v in removes.values()), "a device was removed twice"
     creates = {e["minor"] for e in rec.named("dev_create")}
-    assert set(removes) <= creates | {0}
+    assert set(removes) <= creates | {base_minor}
+    assert REMOTE_LOADS, "no table over the remote disk ever loaded"
     print(f"control ops: {sum(results.values())}, bios: {len(stats.completed)}, "
-          f"devices removed: {len(removes)}")
+          f"devices removed: {len(removes)}, loads over the remote disk: {len(REMOTE_LOADS)}")
