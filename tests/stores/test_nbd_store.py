@@ -24,6 +24,7 @@ from pydm.errors import PydmError  # noqa: E402
 from pydm.store import EXTENT_HOLE, EXTENT_ZERO, FileStore  # noqa: E402
 from pydm.stores.nbd import conn as C  # noqa: E402
 from pydm.stores.nbd.plugin import PLUGIN  # noqa: E402
+from nbd_support import make_disk  # noqa: E402
 from remote_servers import free_port, wait_until  # noqa: E402
 
 MiB = 1 << 20
@@ -101,16 +102,6 @@ def put_on(conn, op, offset, length=0, buf=None):
     return d.status
 
 
-def sparse_image(path, size, data_at=()):
-    rnd = random.Random(7)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off, n in data_at:
-            f.seek(off)
-            f.write(rnd.randbytes(n))
-    return str(path)
-
-
 # ---------------------------------------------------------------- round trips
 
 @pytest.mark.parametrize("kind", ["memory", "file"])
@@ -119,7 +110,7 @@ def test_round_trips_on_both_faces(tmp_path, server, opened, kind):
     if kind == "memory":
         srv = server("mem", ["memory", f"size={size}"], tcp=True)
     else:
-        img = sparse_image(tmp_path / "disk.img", size)
+        img = make_disk(tmp_path / "disk.img", size, ())
         srv = server("file", ["file", img])
     spec = PLUGIN.parse(srv.uri, None)
     st = opened(srv.uri)
@@ -225,7 +216,7 @@ def test_capabilities_follow_the_server(tmp_path, server, opened):
 
 
 def test_a_server_without_flush_gets_no_durability_claims(tmp_path, server, opened):
-    img = sparse_image(tmp_path / "nf.img", 4 * MiB)
+    img = make_disk(tmp_path / "nf.img", 4 * MiB, ())
     nf = server("noflush", [
         "eval", f"get_size=echo {4 * MiB}", "can_write=exit 0", "can_flush=exit 3",
         "can_fua=echo none",
@@ -345,7 +336,7 @@ def test_completions_may_take_locks_their_submitters_hold(server, opened, conns)
 
 def test_extents_of_a_sparse_file(tmp_path, server, opened):
     size = 16 * MiB
-    img = sparse_image(tmp_path / "sparse.img", size, ((0, MiB), (8 * MiB, MiB)))
+    img = make_disk(tmp_path / "sparse.img", size, ((0, MiB), (8 * MiB, MiB)), seed=7)
     srv = server("file", ["file", img])
     st = opened(srv.uri)
     local = FileStore(img, readonly=True)
@@ -370,7 +361,7 @@ def test_extents_of_a_sparse_file(tmp_path, server, opened):
 @pytest.mark.parametrize("conns", [4, 1])
 def test_a_killed_server_fails_io_in_time_and_the_store_recovers(tmp_path, server, opened,
                                                                  conns):
-    img = sparse_image(tmp_path / "k.img", 8 * MiB)
+    img = make_disk(tmp_path / "k.img", 8 * MiB, ())
     srv = server("k", ["file", img])
     st = opened(srv.uri + f"&timeout=2&conns={conns}")
     assert io(st, WRITE, 0, data=b"\x33" * 4096)[0] == 0
@@ -445,7 +436,7 @@ def test_writes_lost_with_a_restarted_server_fail_the_next_flush(server, opened,
 
 def test_a_stopped_server_times_out_and_the_store_recovers(tmp_path, server, opened, caplog):
     caplog.set_level(logging.INFO, logger="pydm.store.nbd")
-    img = sparse_image(tmp_path / "s.img", 4 * MiB)
+    img = make_disk(tmp_path / "s.img", 4 * MiB, ())
     # one thread per connection: nbdkit 1.32 can trip over its own assertion
     # (raw_send_socket: sock >= 0) when a worker thread replies on a connection
     # the client has dropped meanwhile
