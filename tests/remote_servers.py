@@ -7,13 +7,14 @@ Fixtures: ``server(name, plugin args, ...)`` (an nbdkit) and
 a file nbdkit serves without flush)."""
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import time
 
 import pytest
+
+from nbd_support import need
 
 
 def free_port():
@@ -29,13 +30,6 @@ def wait_until(pred, timeout, what):
         time.sleep(0.05)
 
 
-def _need(tool):
-    if shutil.which(tool) is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must install {tool}")
-        pytest.skip(f"not installed: {tool}")
-
-
 class Nbdkit:
     """One nbdkit in the foreground, on a Unix socket or a loopback port;
     it can be killed, stopped, and started again on the same address."""
@@ -43,7 +37,7 @@ class Nbdkit:
     tool = "nbdkit"
 
     def __init__(self, tmp, name, plugin, filters=(), tcp=False, extra=()):
-        _need(self.tool)
+        need(self.tool)
         self.plugin = list(plugin)
         self.filters = list(filters)
         self.extra = list(extra)
