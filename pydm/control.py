@@ -180,9 +180,13 @@ class Control:
                 raise DMError(f"uuid {uuid} already in use", errno.EBUSY)
             dev = MappedDevice(name, uuid, readonly)
             dev.minor = next(_MINORS)
+            # Emitted before the name is published: from then on another
+            # client may load or resume it, and a monitor must see the
+            # device born first (dev_load before dev_create was seen under
+            # the control-plane stress, and inactive_slot lost the table).
+            if trace.on.dev_create:
+                trace.emit("dev_create", dev=name, minor=dev.minor)
             self._devices[name] = dev
-        if trace.on.dev_create:
-            trace.emit("dev_create", dev=name, minor=dev.minor)
         if table is not None:
             try:
                 self.load(name, table, cwd)
