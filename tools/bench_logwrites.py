@@ -46,7 +46,7 @@ def bench_nbd(work, args):
     port = free_port()
     proc, sock = start_pydm(work, [("lin", f"0 {sectors} linear {lin} 0"), ("lw", lw_table)],
                             port)
-    samples = {}
+    samples, full = {}, set()
     try:
         for r in range(args.runs):
             for j, (name, rw, bs, qd, metric) in enumerate(JOBS):
@@ -57,8 +57,12 @@ def bench_nbd(work, args):
                     bw, iops = run_fio(f"nbd://127.0.0.1:{port}/{dev}", rw, bs, qd,
                                        args.runtime)
                     samples.setdefault((name, dev), []).append(bw if metric == "bw" else iops)
+                    note = ""
+                    if dev == "lw" and "logging_disabled" in pydm(sock, "dm", "status", "lw"):
+                        full.add(name)          # the rest of the run went unlogged
+                        note = "  LOG FULL: not a valid run"
                     print(f"round {r + 1} {name:<20} {dev:<4} "
-                          f"{fmt(metric, samples[(name, dev)][-1])}", file=sys.stderr)
+                          f"{fmt(metric, samples[(name, dev)][-1])}{note}", file=sys.stderr)
     finally:
         stop([proc])
     print(f"medians of {args.runs} runs, {args.runtime} s each, 256 MiB device, "
@@ -67,7 +71,8 @@ def bench_nbd(work, args):
     for name, _rw, _bs, _qd, metric in JOBS:
         a = statistics.median(samples[(name, "lin")])
         b = statistics.median(samples[(name, "lw")])
-        print(f"{name:<22}{fmt(metric, a):>14}{fmt(metric, b):>14}{b / a:>10.2f}x{'>=0.5':>7}")
+        print(f"{name:<22}{fmt(metric, a):>14}{fmt(metric, b):>14}{b / a:>10.2f}x{'>=0.5':>7}"
+              + ("  NOT VALID: the log filled up (give --log-mib more)" if name in full else ""))
 
 
 WRITE_LOG = r"""
@@ -114,7 +119,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=4)
-    ap.add_argument("--log-mib", type=int, default=4096)
+    ap.add_argument("--log-mib", type=int, default=8192,
+                    help="log size; a run that fills it is reported as not valid")
     ap.add_argument("--entries", type=int, default=100000)
     ap.add_argument("--dir", help="work directory (default: a fresh temporary one)")
     ap.add_argument("--skip-nbd", action="store_true")

@@ -29,7 +29,7 @@ from pydm.errors import PydmError
 from pydm.lockdep import make_event, make_lock
 from pydm.nbd.admission import (CONNECTION_RESERVE, MAX_INFLIGHT_BYTES, SERVER_BUDGET,
                                 ServerBudget)
-from pydm.nbd.buffers import BufferPool
+from pydm.buffers import BufferPool
 from pydm.nbd.connection import STOP_DRAIN_TIMEOUT, Connection
 from pydm.nbd.exports import Catalog
 from pydm.nbd.handshake import TLS_MODES

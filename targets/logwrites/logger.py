@@ -5,8 +5,11 @@ Rules of this module:
 
 * One ``pydm.worker.Worker`` thread (lock class "lw.log") writes every
   record in the order it was queued, each at the next free log sector; a
-  round's records are joined into writes of up to ``CHUNK`` bytes (the log
-  is sequential), up to 64 of them in flight.
+  round's small records are joined into writes of up to ``CHUNK`` bytes in
+  reused staging buffers (the log is sequential; ``STAGES`` of them are
+  filled, written, and filled again), a big payload (in a pooled buffer) is
+  written from there; up to 64 writes in flight.  Every record
+  handed to the worker is released once its round is over, logged or not.
 * The super block's ``nr_entries`` is rewritten after each round that
   logged a FLUSH, FUA or MARK entry (and when logging stops, and at the
   end), and only after a FLUSH of the log device made every entry it counts
@@ -23,6 +26,7 @@ Rules of this module:
 
 import logging
 
+from pydm.buffers import BufferPool
 from pydm.devio import IOFailed
 from pydm.targets.logwrites import format as F
 from pydm.worker import Worker
@@ -30,7 +34,8 @@ from pydm.worker import Worker
 log = logging.getLogger("pydm.logwrites")
 
 SUPER_FLAGS = F.FLUSH | F.FUA | F.MARK
-CHUNK = 4 << 20                          # entries are joined into writes of this size
+CHUNK = 4 << 20          # small entries are joined into writes of up to this size
+STAGES = 4               # staging buffers of CHUNK bytes written at once, then reused
 
 
 class LogWriter:
@@ -45,6 +50,7 @@ class LogWriter:
         self.dropped = 0
         self.disabled = None                 # why logging stopped, or None
         self.log_failed = False              # a write to the log failed
+        self._stages = BufferPool(keep_bytes=8 * STAGES * CHUNK)   # reused: no page faults
         self.worker = Worker(f"pydm-lw {name}", self._process, lock_class="lw.log")
 
     # ------------------------------------------------------------ control
@@ -74,38 +80,72 @@ class LogWriter:
 
     # ------------------------------------------------------ worker thread
     def _process(self, batch):
-        if self.disabled is not None:
-            self.dropped += len(batch)
-            return None
-        writes, run, run_bytes = [], [], 0
-        start = pos = self.next_pos
+        try:
+            if self.disabled is not None:
+                self.dropped += len(batch)
+                return None
+            self._log(batch)
+        finally:
+            for rec in batch:
+                rec.release()
+        return None
+
+    def _log(self, batch):
+        ss = self.ss
+        writes, stages = [], []
+        view, base, used, start = None, 0, 0, 0   # a run of small records being staged
+        pos = self.next_pos
         count, flagged = self.logged, False
         for i, rec in enumerate(batch):
-            n = rec.nbytes // self.ss
-            if pos + n >= self.log_sectors:
+            nbytes = rec.nbytes
+            if pos + nbytes // ss >= self.log_sectors:
                 self.dropped += len(batch) - i
-                self._disable(f"the log is full ({self.log_sectors} sectors of "
-                              f"{self.ss} bytes)")
+                self._disable(f"the log is full ({self.log_sectors} sectors of {ss} bytes)")
                 break
-            if run_bytes + rec.nbytes > CHUNK and run:
-                writes.append((start * self.ss, b"".join(run)))
-                run, run_bytes, start = [], 0, pos
-            run.append(rec.image)
-            run_bytes += rec.nbytes
-            pos += n
+            if rec.payload is not None:
+                if used:                          # the staged run ends here
+                    writes.append((start * ss, view[base:base + used]))
+                    base, used = base + used, 0
+                writes.append((pos * ss, rec.head))        # from the record's own buffer
+                writes.append(((pos + 1) * ss, rec.payload))
+            else:
+                if view is None or base + used + nbytes > CHUNK:
+                    if used:
+                        writes.append((start * ss, view[base:base + used]))
+                    if len(stages) == STAGES and not self._write(writes, stages):
+                        return
+                    stage = self._stages.get(CHUNK)
+                    stages.append(stage)
+                    view, base, used = stage.write_view(CHUNK), 0, 0
+                if not used:
+                    start = pos
+                view[base + used:base + used + nbytes] = rec.head
+                used += nbytes
+            pos += nbytes // ss
             count += 1
             flagged = flagged or bool(rec.flags & SUPER_FLAGS)
-        if run:
-            writes.append((start * self.ss, run[0] if len(run) == 1 else b"".join(run)))
+        if used:
+            writes.append((start * ss, view[base:base + used]))
+        if not self._write(writes, stages):
+            return
+        self.next_pos, self.logged = pos, count
+        if flagged or self.disabled is not None:
+            self._settle()
+
+    def _write(self, writes, stages) -> bool:
+        """Write ``writes`` (emptied), then give ``stages`` back (emptied);
+        False when the log failed."""
         try:
             self.log.write_many(writes)
         except IOFailed as e:
             self._fail(e)
-            return None
-        self.next_pos, self.logged = pos, count
-        if flagged or self.disabled is not None:
-            self._settle()
-        return None
+            return False
+        finally:
+            writes.clear()
+            for stage in stages:
+                self._stages.put(stage)
+            stages.clear()
+        return True
 
     def _settle(self) -> None:
         """Make the entries logged so far durable, then count them in the

@@ -25,29 +25,55 @@ Rules of this module:
 
 from pydm.targets.logwrites import format as F
 
+POOLED = 64 << 10       # a payload this big is copied into a pooled buffer: a
+                        # fresh one would fault in page by page, at more cost than the copy
+
 
 class Record:
-    """One entry waiting for the log: its whole image (the header sector,
-    then the payload), its flags, and the payload bytes it pins."""
+    """One entry waiting for the log: ``head`` (its header sector, followed
+    by the payload when that is small), ``payload`` (a big payload, in a
+    buffer of a pool, written right after ``head``; else None) and its
+    flags.  ``release`` gives the payload's buffer back once the log holds
+    it (or never will)."""
 
-    __slots__ = ("image", "flags")
+    __slots__ = ("head", "payload", "flags", "_buf", "_pool")
 
-    def __init__(self, image, flags):
-        self.image = image
+    def __init__(self, head, flags, payload=None, buf=None, pool=None):
+        self.head = head
         self.flags = flags
+        self.payload = payload
+        self._buf = buf
+        self._pool = pool
 
     @classmethod
-    def make(cls, sectorsize, sector, nr_sectors, flags, payload=None, text=b""):
+    def make(cls, sectorsize, sector, nr_sectors, flags, payload=None, text=b"", pool=None):
         """A record; ``payload`` (a buffer of ``nr_sectors`` log sectors) is
-        copied in now: the client may reuse its buffer once it has a reply."""
-        header = F.pack_header(sectorsize, sector, nr_sectors, flags, text)
-        if payload is not None and not flags & F.DISCARD:
-            header += payload
-        return cls(header, flags)
+        copied in now, the client may reuse its buffer once it has a reply:
+        a small one behind the header, a big one (``POOLED`` bytes or more)
+        into a buffer of ``pool`` (a ``pydm.buffers.BufferPool``), when
+        given."""
+        head = F.pack_header(sectorsize, sector, nr_sectors, flags, text)
+        if payload is None or flags & F.DISCARD:
+            return cls(head, flags)
+        n = len(payload)
+        if pool is None or n < POOLED:
+            head += payload
+            return cls(head, flags)
+        buf = pool.get(n)
+        view = buf.write_view(n)
+        view[:] = payload
+        return cls(head, flags, view, buf, pool)
 
     @property
     def nbytes(self) -> int:
-        return len(self.image)
+        return len(self.head) + (len(self.payload) if self.payload is not None else 0)
+
+    def release(self) -> None:
+        """The payload's buffer goes back to its pool (once; the record has
+        no payload from here on)."""
+        buf, self._buf, self.payload = self._buf, None, None
+        if buf is not None:
+            self._pool.put(buf)
 
 
 class LogOrder:

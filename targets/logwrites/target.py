@@ -7,7 +7,8 @@ passed through (``pydm lw replay``).
 Rules of this module:
 
 * What is logged when is ``order``'s business, writing the log
-  ``logger``'s; this module copies payloads at submit time, watches
+  ``logger``'s; this module copies payloads at submit time (into reused
+  buffers of its pool, given back by the logger once logged), watches
   completions (``end_io``) and hands records over, all under one lock
   ("lw.order", taken before the logger's "lw.log"), so the log's order is
   the order of completions.
@@ -34,6 +35,7 @@ import errno
 import threading
 
 from pydm.bio import Bio, DISCARD, FLUSH, READ, REQ_FUA, REQ_PREFLUSH, WRITE
+from pydm.buffers import BufferPool
 from pydm.devio import DeviceIO
 from pydm.errors import TargetError
 from pydm.lockdep import make_event, make_lock
@@ -83,6 +85,9 @@ class LogWritesTarget(Target):
             raise TargetError(f"the target's length is not a multiple of the data device's "
                               f"{self.ss}-byte blocks")
         self.lock = make_lock("lw.order")
+        # payload copies, reused: a fresh 1 MiB buffer faults in page by
+        # page, which cost more than the copy (an eighth per size class kept)
+        self.pool = BufferPool(keep_bytes=8 * MAX_UNFLUSHED)
         self.order = LogOrder()
         self.failed_writes = 0
         self.own_flush = False             # a flush of our own is in flight
@@ -138,7 +143,7 @@ class LogWritesTarget(Target):
                 return self._remap(bio)
             flags = F.FUA if bio.flags & REQ_FUA else 0
             bio.private = Record.make(ss, rel * 512 // ss, bio.nr_sectors * 512 // ss, flags,
-                                      bio.data)
+                                      bio.data, pool=self.pool)
             return self._remap(bio)
         if op == DISCARD:
             rec = Record.make(ss, rel * 512 // ss, bio.nr_sectors * 512 // ss, F.DISCARD)
@@ -164,6 +169,7 @@ class LogWritesTarget(Target):
         if isinstance(item, _Flush):
             self._flush_completed(item.token, status)
         elif status:
+            item.release()                 # not logged
             with self.lock:
                 self.failed_writes += 1
         else:

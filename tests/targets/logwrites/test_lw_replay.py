@@ -34,10 +34,11 @@ def blank_like(path, src):
 
 @pytest.fixture
 def logged(tmp_path):
-    """A log of a random workload: writes, a FUA now and then, discards,
+    """A log of a random workload: writes (4-16 KiB, and 64-256 KiB ones), a
+    FUA now and then, discards,
     flushes and marks m0..m4 (with the device's image at each mark), from a
     device over a blank data file, then removed cleanly."""
-    r = Rig(tmp_path, data=bytes(8192 * SECTOR))
+    r = Rig(tmp_path, data=bytes(8192 * SECTOR), log_bytes=32 << 20)
     rnd = random.Random(4)
     at_mark = {}
     for i in range(200):
@@ -48,8 +49,15 @@ def logged(tmp_path):
         elif x < 0.1:
             assert r.discard(sector, 8 * rnd.randint(1, 4)) == 0
         else:
-            data = rnd.randbytes(8 * SECTOR * rnd.randint(1, 4))
-            assert r.write(sector, data, 0 if x < 0.95 else 1) == 0
+            # mostly small writes (joined in the log writer's staging
+            # buffers), some big ones (logged from their own pooled buffer)
+            n = 8 * (rnd.randint(1, 4) if rnd.random() < 0.85 else rnd.randint(16, 64))
+            sector = min(sector, 8192 - n)
+            data = rnd.randbytes(n * SECTOR)
+            fua = x >= 0.95
+            if fua:     # a FUA is logged ahead of older unflushed writes (the
+                assert r.flush() == 0   # kernel's order): none may overlap it
+            assert r.write(sector, data, 1 if fua else 0) == 0
         if i % 40 == 39:
             assert r.flush() == 0          # a mark sees only what is flushed
             name = f"m{i // 40}"
@@ -112,6 +120,30 @@ def test_a_malformed_log_is_refused_and_nothing_is_written(logged, tmp_path, cap
     assert ("Malformed entry" in err) if damage != "magic" else ("Magic doesn't match" in err)
     assert open(out, "rb").read() == before
     assert lw(capsys, "dump", logged.log)[0] == 1
+
+
+def test_one_flush_covering_more_than_the_staging_buffers_hold(tmp_path, capsys):
+    """A flush that covers more small writes than the log writer's staging
+    buffers hold at once (it writes them, reuses them, goes on), with big
+    writes in between (written from their own buffers): the log replays to
+    the device, and the payload buffers given back are reused safely."""
+    from pydm.targets.logwrites import logger
+    r = Rig(tmp_path, data=bytes(8192 * SECTOR), log_bytes=64 << 20)
+    rnd = random.Random(7)
+    small = logger.STAGES * logger.CHUNK // (4096 + SECTOR) + 200
+    for i in range(small):
+        n = 8 if i % 500 else 8 * 64
+        assert r.write(rnd.randrange((8192 - n) // 8) * 8, rnd.randbytes(n * SECTOR)) == 0
+    assert r.flush() == 0
+    for i in range(50):                      # pooled buffers come back into use
+        assert r.write(rnd.randrange(120) * 64, rnd.randbytes(32 << 10)) == 0
+        assert r.write(rnd.randrange(60) * 128, rnd.randbytes(64 << 10)) == 0
+    assert r.flush() == 0
+    r.close()
+    out = blank_like(tmp_path / "replay.img", r.data)
+    assert lw(capsys, "replay", "--log", r.log, "--replay", out)[0] == 0
+    assert open(out, "rb").read() == open(r.data, "rb").read()
+    assert len(read_log(r.log)[1]) == small + 100 + 3     # two flushes and the end mark
 
 
 def test_a_4k_sector_log(tmp_path, capsys):

@@ -1,9 +1,11 @@
-"""Payload buffers for NBD requests: aligned, pooled, reused.
+"""Payload buffers: aligned, pooled, reused.
 
 Rules of this module:
 
-* The reader takes one buffer per READ/WRITE, the reply's send gives it
-  back (``Outbox``), exactly once, sent or not.  Both choices here are
+* A user takes a buffer and gives it back exactly once, when nothing reads
+  or writes it any more (the NBD server: the reader takes one per
+  READ/WRITE, the reply's send gives it back; log-writes: a record's
+  payload, given back once the log has it).  Both choices here are
   measured: alignment for the kernel's copies, reuse to skip page faults on
   fresh memory.
 * No lock: ``list.pop`` and ``list.append`` are atomic under the GIL, and
@@ -54,7 +56,7 @@ class BufferPool:
 
     def __init__(self, keep_bytes=64 << 20):
         self._free = {}
-        self._keep = keep_bytes
+        self._keep = keep_bytes       # an eighth of it per size class
 
     def get(self, n):
         # size class: 4 KiB, else the next power of two
