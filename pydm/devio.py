@@ -11,6 +11,9 @@ Rules of this module:
   with the errno, the device's role, the operation and the sector;
   ``submit`` is the asynchronous form.  Completions of these bios take no
   lock of the caller's, so waiting with one held cannot deadlock.
+* One exception to "as bios": ``write_gather`` hands many small buffers to
+  a store that takes them in one call (``Store.write_gather_at``: a file's
+  pwritev); any other device says no, and the caller writes bios.
 * ``DeviceBytes`` gives a device the byte face of a store (what the
   metadata layers use), through the same bios.
 * ``busy`` measures the time the device had I/O in flight (the kernel's
@@ -142,6 +145,23 @@ class DeviceIO:
         if state["error"] is not None:
             err, sector = state["error"]
             raise IOFailed(err, self.role, "write", sector)
+
+    def write_gather(self, offset: int, bufs) -> bool:
+        """Write ``bufs`` back to back from byte ``offset`` in one call, when
+        the device below is a store that takes that (a file: pwritev, no
+        copy in Python); False when it is not (the caller joins them and
+        writes bios).  Raises ``IOFailed``."""
+        gather = getattr(self.dev, "write_gather_at", None)
+        if gather is None:
+            return False
+        self.busy.begin()
+        try:
+            gather(offset, bufs)
+        except OSError as e:
+            raise IOFailed(e.errno or errno.EIO, self.role, "write", offset // SECTOR) from None
+        finally:
+            self.busy.end()
+        return True
 
     def submit(self, op, sector, view, done) -> None:
         """An asynchronous bio; ``done(status)`` runs on completion."""

@@ -4,8 +4,8 @@ Rules of this module: a store is a flat array of bytes with a size.  It offers
 two faces over the same calls:
 
 * a byte face for metadata code and tools: ``read_at``, ``readinto_at``,
-  ``write_at``, ``flush``, ``discard``, ``write_zeroes``, ``extents``; these
-  raise ``OSError`` on failure;
+  ``write_at``, ``write_gather_at``, ``flush``, ``discard``, ``write_zeroes``,
+  ``extents``; these raise ``OSError`` on failure;
 * a bio face for the router: ``submit(bio)`` runs the bio synchronously and
   completes it with 0 or the errno of the failure (never raises).  The one
   exception is a ``REQ_NOWAIT`` read: what the page cache cannot answer at
@@ -38,6 +38,7 @@ _FALLOC_FL_ZERO_RANGE = 0x10
 
 _fallocate = None
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+_IOV_MAX = 1024                 # buffers per pwritev (Linux's UIO_MAXIOV)
 QUEUED = -1            # read_nowait: the read completes later, on the thread's ring
 
 log = logging.getLogger("pydm.store")
@@ -102,6 +103,13 @@ class Store:
 
     def discard(self, offset: int, length: int) -> None:
         self.write_zeroes(offset, length)
+
+    def write_gather_at(self, offset: int, bufs) -> None:
+        """Write the buffers ``bufs`` back to back from ``offset`` (many
+        small pieces in one call: a log's entries)."""
+        for b in bufs:
+            self.write_at(offset, b)
+            offset += len(b)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True,
                      fallback: bool = True) -> None:
@@ -293,6 +301,26 @@ class FileStore(Store):
         want = len(data)
         while n < want:
             n += os.pwrite(fd, memoryview(data)[n:], offset + n)
+
+    def write_gather_at(self, offset, bufs):
+        # one pwritev per IOV_MAX buffers, the copies in the kernel, the GIL
+        # released; a subclass that wraps write_at still sees every write
+        if type(self).write_at is not FileStore.write_at:
+            return Store.write_gather_at(self, offset, bufs)
+        fd = self.fd
+        for i in range(0, len(bufs), _IOV_MAX):
+            part = bufs[i:i + _IOV_MAX]
+            want = sum(map(len, part))
+            n = os.pwritev(fd, part, offset)
+            if n < want:                # short: the rest piece by piece
+                pos = offset
+                for b in part:
+                    end = pos + len(b)
+                    if end > offset + n:
+                        skip = max(0, offset + n - pos)
+                        self.write_at(pos + skip, memoryview(b)[skip:])
+                    pos = end
+            offset += want
 
     def flush(self):
         os.fdatasync(self.fd)

@@ -4,11 +4,12 @@ the super block's entry count kept trustworthy.
 Rules of this module:
 
 * One ``pydm.worker.Worker`` thread (lock class "lw.log") writes every
-  record in the order it was queued, each at the next free log sector; a
-  round's small records are joined into writes of up to ``CHUNK`` bytes in
-  reused staging buffers (the log is sequential; ``STAGES`` of them are
-  filled, written, and filled again), a big payload (in a pooled buffer) is
-  written from there; up to 64 writes in flight.  Every record
+  record in the order it was queued, each at the next free log sector.  A
+  run of small records side by side goes to a log on a file in one gathered
+  write (pwritev: the kernel copies them); on any other device they are
+  joined into writes of up to ``CHUNK`` bytes in reused staging buffers
+  (``STAGES`` of them filled, written, filled again).  A big payload (in a
+  pooled buffer) is written from there; up to 64 writes in flight.  Every record
   handed to the worker is released once its round is over, logged or not.
 * The super block's ``nr_entries`` is rewritten after each round that
   logged a FLUSH, FUA or MARK entry (and when logging stops, and at the
@@ -51,6 +52,7 @@ class LogWriter:
         self.disabled = None                 # why logging stopped, or None
         self.log_failed = False              # a write to the log failed
         self._stages = BufferPool(keep_bytes=8 * STAGES * CHUNK)   # reused: no page faults
+        self._gather = True                  # the log takes gathered writes (a file)
         self.worker = Worker(f"pydm-lw {name}", self._process, lock_class="lw.log")
 
     # ------------------------------------------------------------ control
@@ -92,8 +94,10 @@ class LogWriter:
 
     def _log(self, batch):
         ss = self.ss
+        gather = self._gather
         writes, stages = [], []
-        view, base, used, start = None, 0, 0, 0   # a run of small records being staged
+        run, start = [], 0                      # small records side by side in the log
+        view, base, used = None, 0, 0           # staging buffer (without gather)
         pos = self.next_pos
         count, flagged = self.logged, False
         for i, rec in enumerate(batch):
@@ -103,11 +107,17 @@ class LogWriter:
                 self._disable(f"the log is full ({self.log_sectors} sectors of {ss} bytes)")
                 break
             if rec.payload is not None:
+                if run and not self._end_run(run, start, writes):
+                    return
                 if used:                          # the staged run ends here
                     writes.append((start * ss, view[base:base + used]))
                     base, used = base + used, 0
                 writes.append((pos * ss, rec.head))        # from the record's own buffer
                 writes.append(((pos + 1) * ss, rec.payload))
+            elif gather:
+                if not run:
+                    start = pos
+                run.append(rec.head)
             else:
                 if view is None or base + used + nbytes > CHUNK:
                     if used:
@@ -124,6 +134,8 @@ class LogWriter:
             pos += nbytes // ss
             count += 1
             flagged = flagged or bool(rec.flags & SUPER_FLAGS)
+        if run and not self._end_run(run, start, writes):
+            return
         if used:
             writes.append((start * ss, view[base:base + used]))
         if not self._write(writes, stages):
@@ -131,6 +143,19 @@ class LogWriter:
         self.next_pos, self.logged = pos, count
         if flagged or self.disabled is not None:
             self._settle()
+
+    def _end_run(self, run, start, writes) -> bool:
+        """Write a run of small records with one gathered write (emptied);
+        False when the log failed (the bios in ``writes`` are dropped)."""
+        try:
+            self._gather = self.log.write_gather(start * self.ss, run)
+        except IOFailed as e:
+            self._fail(e)
+            return False
+        if not self._gather:        # the device below cannot: as bios, once
+            writes.append((start * self.ss, b"".join(run)))
+        run.clear()
+        return True
 
     def _write(self, writes, stages) -> bool:
         """Write ``writes`` (emptied), then give ``stages`` back (emptied);

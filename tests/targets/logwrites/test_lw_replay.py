@@ -122,28 +122,45 @@ def test_a_malformed_log_is_refused_and_nothing_is_written(logged, tmp_path, cap
     assert lw(capsys, "dump", logged.log)[0] == 1
 
 
-def test_one_flush_covering_more_than_the_staging_buffers_hold(tmp_path, capsys):
+@pytest.mark.parametrize("log_on", ["file", "device"])
+def test_one_flush_covering_more_than_the_staging_buffers_hold(tmp_path, capsys, log_on):
     """A flush that covers more small writes than the log writer's staging
-    buffers hold at once (it writes them, reuses them, goes on), with big
-    writes in between (written from their own buffers): the log replays to
-    the device, and the payload buffers given back are reused safely."""
+    buffers hold at once, with big writes in between (written from their
+    own pooled buffers), then more after the pooled buffers came back: the
+    log replays to the device.  With the log on a file the small ones go in
+    gathered writes; on a pydm device (linear over the file) they are staged
+    (filled, written, reused)."""
+    from helpers import do_io
+    from pydm.bio import FLUSH, REQ_PREFLUSH, WRITE
+    from pydm.control import Control
     from pydm.targets.logwrites import logger
-    r = Rig(tmp_path, data=bytes(8192 * SECTOR), log_bytes=64 << 20)
+    data, log = str(tmp_path / "data.img"), str(tmp_path / "log.img")
+    with open(data, "wb") as f:
+        f.truncate(8192 * SECTOR)
+    with open(log, "wb") as f:
+        f.truncate(64 << 20)
+    c = Control()
+    if log_on == "device":
+        c.create("loglin", f"0 {(64 << 20) >> 9} linear {log} 0")
+    dev = c.create("lw", f"0 8192 log-writes {data} {'dm:loglin' if log_on == 'device' else log}")
     rnd = random.Random(7)
+
+    def write(sector, payload):
+        assert do_io(dev, WRITE, sector, data=payload)[0] == 0
     small = logger.STAGES * logger.CHUNK // (4096 + SECTOR) + 200
     for i in range(small):
         n = 8 if i % 500 else 8 * 64
-        assert r.write(rnd.randrange((8192 - n) // 8) * 8, rnd.randbytes(n * SECTOR)) == 0
-    assert r.flush() == 0
+        write(rnd.randrange((8192 - n) // 8) * 8, rnd.randbytes(n * SECTOR))
+    assert do_io(dev, FLUSH, 0, flags=REQ_PREFLUSH)[0] == 0
     for i in range(50):                      # pooled buffers come back into use
-        assert r.write(rnd.randrange(120) * 64, rnd.randbytes(32 << 10)) == 0
-        assert r.write(rnd.randrange(60) * 128, rnd.randbytes(64 << 10)) == 0
-    assert r.flush() == 0
-    r.close()
-    out = blank_like(tmp_path / "replay.img", r.data)
-    assert lw(capsys, "replay", "--log", r.log, "--replay", out)[0] == 0
-    assert open(out, "rb").read() == open(r.data, "rb").read()
-    assert len(read_log(r.log)[1]) == small + 100 + 3     # two flushes and the end mark
+        write(rnd.randrange(120) * 64, rnd.randbytes(32 << 10))
+        write(rnd.randrange(60) * 128, rnd.randbytes(64 << 10))
+    assert do_io(dev, FLUSH, 0, flags=REQ_PREFLUSH)[0] == 0
+    c.shutdown()
+    out = blank_like(tmp_path / "replay.img", data)
+    assert lw(capsys, "replay", "--log", log, "--replay", out)[0] == 0
+    assert open(out, "rb").read() == open(data, "rb").read()
+    assert len(read_log(log)[1]) == small + 100 + 3     # two flushes and the end mark
 
 
 def test_a_4k_sector_log(tmp_path, capsys):
