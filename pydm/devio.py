@@ -13,7 +13,7 @@ Rules of this module:
   lock of the caller's, so waiting with one held cannot deadlock.
 * One exception to "as bios": ``write_gather`` hands many small buffers to
   a store that takes them in one call (``Store.write_gather_at``: a file's
-  pwritev); any other device says no, and the caller writes bios.
+  pwritev); ``gathers`` says whether the device below is such a store.
 * ``DeviceBytes`` gives a device the byte face of a store (what the
   metadata layers use), through the same bios.
 * ``busy`` measures the time the device had I/O in flight (the kernel's
@@ -146,22 +146,22 @@ class DeviceIO:
             err, sector = state["error"]
             raise IOFailed(err, self.role, "write", sector)
 
-    def write_gather(self, offset: int, bufs) -> bool:
-        """Write ``bufs`` back to back from byte ``offset`` in one call, when
-        the device below is a store that takes that (a file: pwritev, no
-        copy in Python); False when it is not (the caller joins them and
-        writes bios).  Raises ``IOFailed``."""
-        gather = getattr(self.dev, "write_gather_at", None)
-        if gather is None:
-            return False
+    @property
+    def gathers(self) -> bool:
+        """Whether ``write_gather`` is worth it here: the device below is a
+        store that takes many buffers in one call (a file: pwritev)."""
+        return getattr(self.dev, "gathers", False)
+
+    def write_gather(self, offset: int, bufs) -> None:
+        """Write ``bufs`` back to back from byte ``offset`` in one call (only
+        where ``gathers``; no copy in Python).  Raises ``IOFailed``."""
         self.busy.begin()
         try:
-            gather(offset, bufs)
+            self.dev.write_gather_at(offset, bufs)
         except OSError as e:
             raise IOFailed(e.errno or errno.EIO, self.role, "write", offset // SECTOR) from None
         finally:
             self.busy.end()
-        return True
 
     def submit(self, op, sector, view, done) -> None:
         """An asynchronous bio; ``done(status)`` runs on completion."""

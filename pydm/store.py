@@ -104,6 +104,8 @@ class Store:
     def discard(self, offset: int, length: int) -> None:
         self.write_zeroes(offset, length)
 
+    gathers = False     # write_gather_at is one call below (else a loop of write_at)
+
     def write_gather_at(self, offset: int, bufs) -> None:
         """Write the buffers ``bufs`` back to back from ``offset`` (many
         small pieces in one call: a log's entries)."""
@@ -301,6 +303,8 @@ class FileStore(Store):
         want = len(data)
         while n < want:
             n += os.pwrite(fd, memoryview(data)[n:], offset + n)
+
+    gathers = True
 
     def write_gather_at(self, offset, bufs):
         # one pwritev per IOV_MAX buffers, the copies in the kernel, the GIL

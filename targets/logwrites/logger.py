@@ -52,7 +52,7 @@ class LogWriter:
         self.disabled = None                 # why logging stopped, or None
         self.log_failed = False              # a write to the log failed
         self._stages = BufferPool(keep_bytes=8 * STAGES * CHUNK)   # reused: no page faults
-        self._gather = True                  # the log takes gathered writes (a file)
+        self._gather = log_io.gathers        # small records in one pwritev (a file)
         self.worker = Worker(f"pydm-lw {name}", self._process, lock_class="lw.log")
 
     # ------------------------------------------------------------ control
@@ -107,7 +107,7 @@ class LogWriter:
                 self._disable(f"the log is full ({self.log_sectors} sectors of {ss} bytes)")
                 break
             if rec.payload is not None:
-                if run and not self._end_run(run, start, writes):
+                if run and not self._end_run(run, start):
                     return
                 if used:                          # the staged run ends here
                     writes.append((start * ss, view[base:base + used]))
@@ -134,7 +134,7 @@ class LogWriter:
             pos += nbytes // ss
             count += 1
             flagged = flagged or bool(rec.flags & SUPER_FLAGS)
-        if run and not self._end_run(run, start, writes):
+        if run and not self._end_run(run, start):
             return
         if used:
             writes.append((start * ss, view[base:base + used]))
@@ -144,16 +144,14 @@ class LogWriter:
         if flagged or self.disabled is not None:
             self._settle()
 
-    def _end_run(self, run, start, writes) -> bool:
+    def _end_run(self, run, start) -> bool:
         """Write a run of small records with one gathered write (emptied);
-        False when the log failed (the bios in ``writes`` are dropped)."""
+        False when the log failed."""
         try:
-            self._gather = self.log.write_gather(start * self.ss, run)
+            self.log.write_gather(start * self.ss, run)
         except IOFailed as e:
             self._fail(e)
             return False
-        if not self._gather:        # the device below cannot: as bios, once
-            writes.append((start * self.ss, b"".join(run)))
         run.clear()
         return True
 
