@@ -79,6 +79,18 @@ def pack_header(sectorsize: int, sector: int, nr_sectors: int, flags: int,
     return out
 
 
+_PADS = {}              # sectorsize -> the zeros after a header without text
+
+
+def pack_entry(sectorsize: int, sector: int, nr_sectors: int, flags: int, payload) -> bytes:
+    """A header without text and its payload, as one bytes (what a small
+    write's record is: one join, no zero-filled sector to patch)."""
+    pad = _PADS.get(sectorsize)
+    if pad is None:
+        pad = _PADS[sectorsize] = bytes(sectorsize - TEXT_AT)
+    return b"".join((HEADER.pack(sector, nr_sectors, flags, 0), pad, payload))
+
+
 class Entry:
     """One entry as read from a log: where it is, what it says."""
 

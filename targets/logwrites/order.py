@@ -51,14 +51,13 @@ class Record:
         copied in now, the client may reuse its buffer once it has a reply:
         a small one behind the header, a big one (``POOLED`` bytes or more)
         into a buffer of ``pool`` (a ``pydm.buffers.BufferPool``), when
-        given."""
-        head = F.pack_header(sectorsize, sector, nr_sectors, flags, text)
+        given.  Only a mark has ``text``, and a mark has no payload."""
         if payload is None or flags & F.DISCARD:
-            return cls(head, flags)
+            return cls(F.pack_header(sectorsize, sector, nr_sectors, flags, text), flags)
         n = len(payload)
         if pool is None or n < POOLED:
-            head += payload
-            return cls(head, flags)
+            return cls(F.pack_entry(sectorsize, sector, nr_sectors, flags, payload), flags)
+        head = F.pack_header(sectorsize, sector, nr_sectors, flags, text)
         buf = pool.get(n)
         view = buf.write_view(n)
         view[:] = payload
