@@ -82,13 +82,17 @@ def pack_header(sectorsize: int, sector: int, nr_sectors: int, flags: int,
 _PADS = {}              # sectorsize -> the zeros after a header without text
 
 
-def pack_entry(sectorsize: int, sector: int, nr_sectors: int, flags: int, payload) -> bytes:
-    """A header without text and its payload, as one bytes (what a small
-    write's record is: one join, no zero-filled sector to patch)."""
+def pack_entry_into(out, sectorsize: int, sector: int, nr_sectors: int, flags: int,
+                    payload) -> None:
+    """A header without text and its payload, into ``out`` (a writable
+    buffer of exactly ``sectorsize + len(payload)`` bytes): what a small
+    write's record is."""
     pad = _PADS.get(sectorsize)
     if pad is None:
         pad = _PADS[sectorsize] = bytes(sectorsize - TEXT_AT)
-    return b"".join((HEADER.pack(sector, nr_sectors, flags, 0), pad, payload))
+    HEADER.pack_into(out, 0, sector, nr_sectors, flags, 0)
+    out[TEXT_AT:sectorsize] = pad
+    out[sectorsize:] = payload
 
 
 class Entry:

@@ -33,8 +33,9 @@ class Record:
     """One entry waiting for the log: ``head`` (its header sector, followed
     by the payload when that is small), ``payload`` (a big payload, in a
     buffer of a pool, written right after ``head``; else None) and its
-    flags.  ``release`` gives the payload's buffer back once the log holds
-    it (or never will)."""
+    flags.  ``release`` gives the pooled memory back once the log holds the
+    record (or never will): the big payload's buffer, or the arena's bytes
+    that hold a small record whole."""
 
     __slots__ = ("head", "payload", "flags", "_buf", "_pool")
 
@@ -46,17 +47,25 @@ class Record:
         self._pool = pool
 
     @classmethod
-    def make(cls, sectorsize, sector, nr_sectors, flags, payload=None, text=b"", pool=None):
+    def make(cls, sectorsize, sector, nr_sectors, flags, payload=None, text=b"", pool=None,
+             arena=None):
         """A record; ``payload`` (a buffer of ``nr_sectors`` log sectors) is
         copied in now, the client may reuse its buffer once it has a reply:
-        a small one behind the header, a big one (``POOLED`` bytes or more)
+        a small one behind the header, in bytes of ``arena`` (an
+        ``arena.Arena``) when given, a big one (``POOLED`` bytes or more)
         into a buffer of ``pool`` (a ``pydm.buffers.BufferPool``), when
         given.  Only a mark has ``text``, and a mark has no payload."""
         if payload is None or flags & F.DISCARD:
             return cls(F.pack_header(sectorsize, sector, nr_sectors, flags, text), flags)
         n = len(payload)
-        if pool is None or n < POOLED:
-            return cls(F.pack_entry(sectorsize, sector, nr_sectors, flags, payload), flags)
+        if n < POOLED and arena is not None:
+            chunk, view = arena.take(sectorsize + n)
+            F.pack_entry_into(view, sectorsize, sector, nr_sectors, flags, payload)
+            return cls(view, flags, None, chunk, arena)
+        if n < POOLED or pool is None:
+            out = bytearray(sectorsize + n)
+            F.pack_entry_into(out, sectorsize, sector, nr_sectors, flags, payload)
+            return cls(out, flags)
         head = F.pack_header(sectorsize, sector, nr_sectors, flags, text)
         buf = pool.get(n)
         view = buf.write_view(n)
@@ -68,10 +77,13 @@ class Record:
         return len(self.head) + (len(self.payload) if self.payload is not None else 0)
 
     def release(self) -> None:
-        """The payload's buffer goes back to its pool (once; the record has
-        no payload from here on)."""
-        buf, self._buf, self.payload = self._buf, None, None
+        """The pooled memory goes back (once; from here on the record has
+        no payload, and no head either when the head was in the arena)."""
+        buf, self._buf = self._buf, None
         if buf is not None:
+            if self.payload is None:
+                self.head = b""            # its bytes are the arena's again
+            self.payload = None
             self._pool.put(buf)
 
 

@@ -8,7 +8,8 @@ Rules of this module:
 
 * What is logged when is ``order``'s business, writing the log
   ``logger``'s; this module copies payloads at submit time (into reused
-  buffers of its pool, given back by the logger once logged), watches
+  memory: big ones into buffers of its pool, small records into its arena,
+  given back by the logger once logged), watches
   completions (``end_io``) and hands records over, all under one lock
   ("lw.order", taken before the logger's "lw.log"), so the log's order is
   the order of completions.
@@ -42,6 +43,7 @@ from pydm.lockdep import make_event, make_lock
 from pydm.table import quote_arg
 from pydm.target import DONE, NOWAIT, REMAPPED, STATUS_TABLE, SUBMITTED, Target
 from pydm.targets.logwrites import format as F
+from pydm.targets.logwrites.arena import Arena
 from pydm.targets.logwrites.logger import LogWriter
 from pydm.targets.logwrites.order import LogOrder, Record
 
@@ -88,6 +90,7 @@ class LogWritesTarget(Target):
         # payload copies, reused: a fresh 1 MiB buffer faults in page by
         # page, which cost more than the copy (an eighth per size class kept)
         self.pool = BufferPool(keep_bytes=8 * MAX_UNFLUSHED)
+        self.arena = Arena(keep_bytes=2 * MAX_UNFLUSHED)     # small records, likewise
         self.order = LogOrder()
         self.failed_writes = 0
         self.own_flush = False             # a flush of our own is in flight
@@ -143,7 +146,7 @@ class LogWritesTarget(Target):
                 return self._remap(bio)
             flags = F.FUA if bio.flags & REQ_FUA else 0
             bio.private = Record.make(ss, rel * 512 // ss, bio.nr_sectors * 512 // ss, flags,
-                                      bio.data, pool=self.pool)
+                                      bio.data, pool=self.pool, arena=self.arena)
             return self._remap(bio)
         if op == DISCARD:
             rec = Record.make(ss, rel * 512 // ss, bio.nr_sectors * 512 // ss, F.DISCARD)
