@@ -108,11 +108,13 @@ def pydm(sock, *args):
 
 def preallocated(path, mib):
     """A file of ``mib`` MiB of zeros, written (not sparse): log writes into
-    it never allocate."""
+    it never allocate; and synced, so that writing it back does not go on
+    in the background of the runs that follow."""
     with open(path, "wb") as f:
         chunk = bytes(1 << 20)
         for _ in range(mib):
             f.write(chunk)
+        os.fsync(f.fileno())
     return path
 
 
