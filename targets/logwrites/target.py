@@ -47,7 +47,12 @@ from pydm.targets.logwrites.arena import Arena
 from pydm.targets.logwrites.logger import LogWriter
 from pydm.targets.logwrites.order import LogOrder, Record
 
-MAX_UNFLUSHED = 64 << 20          # bytes of completed writes held for a flush
+MAX_UNFLUSHED = 256 << 20         # bytes of completed writes held for a flush: the
+                                  # kernel holds any amount; each flush of our own is a
+                                  # flush point the client never asked for (and, measured
+                                  # against 64 MiB, randwrite 4k QD16 0.51-0.53x linear
+                                  # -> 0.59-0.68x: fewer data-device writebacks)
+POOL_KEEP = 512 << 20             # big payload buffers kept for reuse (64 MiB a size)
 OWN_FLUSH_WAIT = 60               # s a remove waits for our own flush of the data device
 
 
@@ -89,8 +94,8 @@ class LogWritesTarget(Target):
         self.lock = make_lock("lw.order")
         # payload copies, reused: a fresh 1 MiB buffer faults in page by
         # page, which cost more than the copy (an eighth per size class kept)
-        self.pool = BufferPool(keep_bytes=8 * MAX_UNFLUSHED)
-        self.arena = Arena(keep_bytes=2 * MAX_UNFLUSHED)     # small records, likewise
+        self.pool = BufferPool(keep_bytes=POOL_KEEP)
+        self.arena = Arena(keep_bytes=MAX_UNFLUSHED)     # small records, likewise
         self.order = LogOrder()
         self.failed_writes = 0
         self.own_flush = False             # a flush of our own is in flight
