@@ -24,7 +24,6 @@ numbers and the goals, it asserts nothing.
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -44,11 +43,7 @@ def serve(work, args):
     images = {}
     for name in ("lin", "wb", "lin-slow", "wb-slow"):
         images[name] = os.path.join(work, f"{name}.img")
-        if not os.path.exists(images[name]):
-            if name == "lin":
-                make_image(images[name], SIZE)
-            else:
-                shutil.copyfile(images["lin"], images[name])
+        make_image(images[name], SIZE)    # each written alike (not copied: make_image)
     cache = preallocated(os.path.join(work, "cache.img"), args.cache_mib)
     slow_cache = preallocated(os.path.join(work, "slow-cache.img"), args.cache_mib)
     ms = args.delay_ms
