@@ -52,7 +52,8 @@ MAX_UNFLUSHED = 256 << 20         # bytes of completed writes held for a flush: 
                                   # flush point the client never asked for (and, measured
                                   # against 64 MiB, randwrite 4k QD16 0.51-0.53x linear
                                   # -> 0.59-0.68x: fewer data-device writebacks)
-POOL_KEEP = 512 << 20             # big payload buffers kept for reuse (64 MiB a size)
+POOL_KEEP = 8 * MAX_UNFLUSHED     # big payload buffers kept for reuse (an eighth, the
+                                  # bound, per size: fewer and they fault in afresh)
 OWN_FLUSH_WAIT = 60               # s a remove waits for our own flush of the data device
 
 
