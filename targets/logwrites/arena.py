@@ -2,7 +2,7 @@
 
 A small write's record (its header sector and payload, a few KiB) lives
 from the write's submit until the log has it, which is the next flush:
-tens of MiB of them at a time.  Each as a bytes of its own, that memory is
+up to the target's bound (hundreds of MiB) of them at a time.  Each as a bytes of its own, that memory is
 given back to the system when a flush logs them and taken again, a page
 fault at a time, for the next ones (measured: 0.6 us a record when they are
 freed at once, 3.4 us when 64 MiB of them are held, nearly all of it in the

@@ -11,8 +11,8 @@ Rules of this module:
   memory: big ones into buffers of its pool, small records into its arena,
   given back by the logger once logged), watches
   completions (``end_io``) and hands records over, all under one lock
-  ("lw.order", taken before the logger's "lw.log"), so the log's order is
-  the order of completions.
+  ("lw.order", taken before the logger's "lw.log"; the arena's "lw.arena"
+  is a leaf under both), so the log's order is the order of completions.
 * Sectors in the log are target-relative (the kernel's are absolute), in
   log sectors (the data device's logical block size, ``sectorsize``); a
   request that is not a whole number of log sectors is refused (EINVAL),
