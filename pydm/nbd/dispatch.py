@@ -13,13 +13,14 @@ Rules of this module:
   worker, so a 1 MiB pwrite overlaps the next recv; a large READ is read by
   the reader and its reply sent by a worker (``Outbox``), so the next pread
   overlaps this send (the send is the dearer half).
-* A READ of up to ``INLINE_MAX`` with company (other requests in flight or
-  already received) goes down with ``REQ_NOWAIT``: the page cache answers it inline at the cost
-  of a plain read, and what must come from the disk is queued on the
-  connection's io_uring (``pydm.aio``), whose completions this thread reaps
-  whenever it would wait, so the disk sees the client's queue depth.  A
-  READ alone waits inline: there is nothing to overlap; so does a large
-  one (the kernel's readahead overlaps sequential reads already).  A NOWAIT read that
+* A READ of up to ``INLINE_MAX`` goes down with ``REQ_NOWAIT``: the page
+  cache answers it inline at the cost of a plain read, and what must come
+  from the disk is queued on the connection's io_uring (``pydm.aio``),
+  whose completions this thread reaps whenever it would wait, so the disk
+  sees the client's queue depth.  A read alone goes there too: this thread
+  then spins briefly on its completion instead of sleeping in a blocking
+  read (a wake-up costs as much as the disk read here).  A large READ
+  waits inline (the kernel's readahead overlaps sequential reads already).  A NOWAIT read that
   comes back EAGAIN (it reached its file on a thread with no ring, a delay
   target's timer say) is read again, blocking, by a worker.
 * Every request is admitted against the connection's bounds before its
@@ -119,7 +120,6 @@ class Dispatcher:
         read_done = self._read_done
         write_done = self._simple_done
         hand_off = self.hand_off
-        adm = self.adm
         while True:
             if rd.rend - rd.rpos < REQUEST_LEN:
                 fill(REQUEST_LEN)
@@ -142,14 +142,11 @@ class Dispatcher:
                 if not try_admit(length):
                     admit(length)
                 buf = pool.get(length)
-                # Alone (nothing else in flight or buffered), a read may as
-                # well wait here; with company it must not stall the others.
-                # A large read waits here too: it is sequential more often
+                # A large read waits here: it is sequential more often
                 # than not, the kernel's readahead already keeps the disk
                 # busy for it, and reads queued side by side break that up.
                 submit(Bio(READ, offset >> 9, length >> 9, buf.read_view(length, read_pad),
-                           REQ_NOWAIT if length <= INLINE_MAX and (
-                               adm.inflight > 1 or rd.rend > rd.rpos) else 0,
+                           REQ_NOWAIT if length <= INLINE_MAX else 0,
                            read_done, (cookie, offset, buf, length, flags)))
             elif cmd == CMD_WRITE:
                 if not try_admit(length):

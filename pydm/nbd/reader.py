@@ -158,7 +158,9 @@ class Reader:
             ring.drain()
         else:
             fd = self.sock.fileno()
-            while not ring.wait(fd):
+            # spin on a lone read only when the client waits for it alone:
+            # with more in flight the CPU is better left to the client
+            while not ring.wait(fd, self.adm.inflight <= 1):
                 if outbox.pending:
                     outbox.flush_pending()
         if outbox.pending:

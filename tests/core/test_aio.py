@@ -190,3 +190,36 @@ def test_a_file_that_shrank_reads_zeroes_past_its_end(image, installed):
         assert bio.data == data[SIZE - BLOCK:SIZE - 2048] + bytes(2048)
     finally:
         store.close()
+
+
+def test_the_spin_on_a_lone_read_adapts_to_how_long_reads_take():
+    """A read that took longer than SPIN_MAX turns the spin off (a slow
+    disk costs no CPU); reads that come at once turn it back on, doubling
+    up to SPIN_MAX.  A pipe makes a read as slow as the test wants."""
+    ring = aio.open_ring(4)
+    r, w = os.pipe()
+    a, b = socket.socketpair()
+    done = []
+    try:
+        ring.read(r, bytearray(3), 0, lambda _a, res: done.append(res), None)
+        timer = threading.Timer(0.05, os.write, (w, b"abc"))
+        timer.start()
+        assert ring.wait(a.fileno()) is False          # it spun, then slept, then reaped
+        timer.join()
+        assert done == [3] and ring.spin == 0.0
+        seen = []
+        for _ in range(6):
+            os.write(w, b"def")
+            ring.read(r, bytearray(3), 0, lambda _a, res: done.append(res), None)
+            while ring.wait(a.fileno()):
+                pass
+            seen.append(ring.spin)
+        assert done == [3] * 7
+        assert seen[0] == aio.SPIN_START
+        assert seen == sorted(seen) and seen[-1] == aio.SPIN_MAX
+    finally:
+        ring.close()
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()
