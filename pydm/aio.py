@@ -46,6 +46,7 @@ import select
 import threading
 from time import perf_counter as _clock
 
+from pydm.adaptive import next_window
 from pydm.lockdep import make_lock
 
 log = logging.getLogger("pydm.aio")
@@ -246,7 +247,7 @@ class Ring:
             return False
         if not self.inflight:
             return True
-        start = _clock()
+        start = _clock() if lone else 0.0
         if lone and self.spin:
             if self._spin(start + self.spin):
                 self._adapt(_clock() - start)
@@ -279,10 +280,7 @@ class Ring:
         return False
 
     def _adapt(self, waited) -> None:
-        if waited <= SPIN_MAX:
-            self.spin = min(SPIN_MAX, max(self.spin * 2, SPIN_START))
-        else:
-            self.spin = 0.0
+        self.spin = next_window(self.spin, waited, SPIN_START, SPIN_MAX)
 
     def drain(self) -> None:
         """Block until every read in flight has completed and been reaped."""

@@ -46,7 +46,7 @@ def bench_nbd(work, args):
     proc, sock = start_pydm(work, [("lin", f"0 {sectors} linear {lin} 0"), ("lw", lw_table)],
                             port)
     samples, full = {}, set()
-    jobs = [JOBS[int(k) - 1] for k in args.jobs.split(",")] if args.jobs else JOBS
+    jobs = args.jobs or JOBS
     try:
         for r in range(args.runs):
             for j, (name, rw, bs, qd, metric) in enumerate(jobs):
@@ -127,6 +127,14 @@ def main():
     ap.add_argument("--dir", help="work directory (default: a fresh temporary one)")
     ap.add_argument("--skip-nbd", action="store_true")
     args = ap.parse_args()
+    if args.jobs:
+        try:
+            picks = [int(k) for k in args.jobs.split(",")]
+        except ValueError:
+            picks = [0]
+        if not all(1 <= k <= len(JOBS) for k in picks):
+            ap.error(f"--jobs: numbers from 1 to {len(JOBS)}, comma-separated")
+        args.jobs = [JOBS[k - 1] for k in picks]
     run_in_workdir(args, "pydm-lwbench-", [bench_nbd, bench_replay])
 
 

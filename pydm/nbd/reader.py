@@ -31,6 +31,8 @@ Rules of this module:
 import socket
 import time
 
+from pydm.adaptive import next_window
+
 RBUF_SIZE = 256 << 10
 POLL_MAX = 100e-6              # s: the longest a receive polls before it sleeps
 POLL_START = 25e-6             # s: the first window, once a short wait was seen
@@ -142,11 +144,7 @@ class Reader:
         return got
 
     def _adapt(self, waited):
-        if waited <= self.poll_max:
-            if self.spin < self.poll_max:
-                self.spin = min(self.poll_max, max(self.spin * 2, POLL_START))
-        else:
-            self.spin = 0.0
+        self.spin = next_window(self.spin, waited, POLL_START, self.poll_max)
 
     def await_ring(self, ring):
         """Before a receive that may block: wait for the socket *and* the
