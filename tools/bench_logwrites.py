@@ -7,8 +7,8 @@ preallocated log of --log-mib); fio's nbd engine runs each job against both,
 alternating within every round, --runs rounds, medians and lw/linear.  The
 log is started afresh (the device is reloaded) before every log-writes run.
 fio's jobs issue no flush, so log-writes holds completed writes in RAM and
-flushes the data device itself every 256 MiB (each such flush is also an
-fdatasync of the log).  Then, in-process: a log of --entries 4 KiB writes
+spills them to the log every 64 MiB (no flush of either device: the log's
+pages are left dirty, as linear's are).  Then, in-process: a log of --entries 4 KiB writes
 (a flush every 8) is replayed onto a file with ``pydm lw replay``.
 
     .venv/bin/python tools/bench_logwrites.py [--runs 3] [--runtime 4] [--jobs 1,2]

@@ -20,6 +20,17 @@ Rules of this module:
   write durable without an earlier one that was).
 * A flush that failed on the data device covers nothing: its writes go back
   to the front of ``unflushed`` (pydm; the kernel logs it anyway).
+* Memory is bounded (pydm; the kernel holds any amount): past the bound the
+  target *spills*, logging held writes early, still in completion order and
+  still ahead of the flush entry that will cover them, but without any
+  entry of its own.  A spill takes the writes the oldest flush in flight
+  covers, or, with no flush in flight, every unflushed write; writes that
+  completed after a flush in flight was issued belong behind its entry and
+  cannot spill before it completes.  A spilled write is not claimed
+  durable: only a later FLUSH entry (and the super block's count) does
+  that.  Replaying to a FUA or mark may now show a spilled write, which is
+  a state the device could be in after a power cut there too (it had
+  completed).
 * Teardown logs what is still unflushed, then the end mark.
 """
 
@@ -90,7 +101,7 @@ class Record:
 class LogOrder:
     def __init__(self):
         self.unflushed = []
-        self.unflushed_bytes = 0
+        self.held_bytes = 0           # of every record held here (unflushed and pending)
         self.pending = []             # [(flush id, the writes it covers)], in issue order
         self._next_id = 0
 
@@ -99,7 +110,7 @@ class LogOrder:
         if rec.flags & F.FUA:
             return [rec]
         self.unflushed.append(rec)
-        self.unflushed_bytes += rec.nbytes
+        self.held_bytes += rec.nbytes
         return []
 
     def flush_issued(self) -> int:
@@ -109,7 +120,6 @@ class LogOrder:
         self._next_id += 1
         self.pending.append((fid, self.unflushed))
         self.unflushed = []
-        self.unflushed_bytes = 0
         return fid
 
     def flush_done(self, fid: int, rec: Record) -> list:
@@ -122,6 +132,7 @@ class LogOrder:
         out = []
         while self.pending and self.pending[0][0] <= fid:
             out += self.pending.pop(0)[1]
+        self.held_bytes -= sum(r.nbytes for r in out)
         return out + [rec]
 
     def flush_failed(self, fid: int) -> None:
@@ -131,8 +142,20 @@ class LogOrder:
             if f == fid:
                 del self.pending[i]
                 self.unflushed[:0] = recs
-                self.unflushed_bytes += sum(r.nbytes for r in recs)
                 return
+
+    def spill(self) -> list:
+        """Held writes that may go to the log now, ahead of the entry of the
+        flush that will cover them (see the rules): the oldest flush in
+        flight's, or every unflushed one when no flush is in flight; [] when
+        neither can."""
+        if self.pending:
+            fid, out = self.pending[0]
+            self.pending[0] = (fid, [])
+        else:
+            out, self.unflushed = self.unflushed, []
+        self.held_bytes -= sum(r.nbytes for r in out)
+        return out
 
     @staticmethod
     def mark(rec: Record) -> list:
@@ -142,5 +165,5 @@ class LogOrder:
         """The target goes away: everything left, then the end mark."""
         out = [r for _f, recs in self.pending for r in recs] + self.unflushed + [end]
         self.pending, self.unflushed = [], []
-        self.unflushed_bytes = 0
+        self.held_bytes = 0
         return out

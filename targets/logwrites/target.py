@@ -23,8 +23,11 @@ Rules of this module:
 * Discards are always taken and logged (and passed on only when the data
   device can discard); write-zeroes are not offered.
 * Completed plain writes are held in RAM until a flush covers them (the
-  kernel's rule); past ``MAX_UNFLUSHED`` bytes the target flushes the data
-  device itself, which logs them behind a FLUSH entry (a real flush point).
+  kernel's rule); past ``MAX_HELD`` bytes they spill to the log early
+  (``order.LogOrder.spill``): no flush of our own, no entry the client did
+  not cause.  While a flush is in flight, the writes completed after it was
+  issued cannot spill before it completes: they are held, whatever their
+  size, until then.
 * The log is started empty at the first resume; removing the device logs
   what is still unflushed, then the ``dm-log-writes-end`` mark, and settles
   the super block, so a cleanly removed log counts every entry.  Logging
@@ -33,13 +36,12 @@ Rules of this module:
 """
 
 import errno
-import threading
 
-from pydm.bio import Bio, DISCARD, FLUSH, READ, REQ_FUA, REQ_PREFLUSH, WRITE
+from pydm.bio import DISCARD, FLUSH, READ, REQ_FUA, WRITE
 from pydm.buffers import BufferPool
 from pydm.devio import DeviceIO
 from pydm.errors import TargetError
-from pydm.lockdep import make_event, make_lock
+from pydm.lockdep import make_lock
 from pydm.table import quote_arg
 from pydm.target import DONE, NOWAIT, REMAPPED, STATUS_TABLE, SUBMITTED, Target
 from pydm.targets.logwrites import format as F
@@ -47,14 +49,12 @@ from pydm.targets.logwrites.arena import Arena
 from pydm.targets.logwrites.logger import LogWriter
 from pydm.targets.logwrites.order import LogOrder, Record
 
-MAX_UNFLUSHED = 256 << 20         # bytes of completed writes held for a flush: the
-                                  # kernel holds any amount; each flush of our own is a
-                                  # flush point the client never asked for (and, measured
-                                  # against 64 MiB, randwrite 4k QD16 0.51-0.53x linear
-                                  # -> 0.59-0.68x: fewer data-device writebacks)
-POOL_KEEP = 8 * MAX_UNFLUSHED     # big payload buffers kept for reuse (an eighth, the
-                                  # bound, per size: fewer and they fault in afresh)
-OWN_FLUSH_WAIT = 60               # s a remove waits for our own flush of the data device
+MAX_HELD = 64 << 20               # bytes of completed writes held for a flush before
+                                  # they spill to the log (the kernel holds any amount)
+KEEP = 4 * MAX_HELD               # record memory kept for reuse: what is held, what the
+                                  # log writer is writing, and room (less, and records
+                                  # fault in afresh: seen as 3% of a 1 MiB write's time)
+POOL_KEEP = 8 * KEEP              # (the pool keeps an eighth of it per size class)
 
 
 class _Flush:
@@ -96,12 +96,9 @@ class LogWritesTarget(Target):
         # payload copies, reused: a fresh 1 MiB buffer faults in page by
         # page, which cost more than the copy (an eighth per size class kept)
         self.pool = BufferPool(keep_bytes=POOL_KEEP)
-        self.arena = Arena(keep_bytes=MAX_UNFLUSHED)     # small records, likewise
+        self.arena = Arena(keep_bytes=KEEP)     # small records, likewise
         self.order = LogOrder()
         self.failed_writes = 0
-        self.own_flush = False             # a flush of our own is in flight
-        self.own_flush_over = make_event()
-        self.own_flush_over.set()
         self.num_flush_bios = 1
         self.num_discard_bios = 1
         self.num_write_zeroes_bios = 0
@@ -125,9 +122,6 @@ class LogWritesTarget(Target):
         logger = getattr(self, "logger", None)
         if logger is None:
             return
-        # our own flush goes to the data device, not through this device,
-        # so the suspend before a remove does not wait for it: we do
-        self.own_flush_over.wait(OWN_FLUSH_WAIT)
         end = Record.make(self.ss, 0, 0, F.MARK, text=F.END_MARK.encode())
         with self.lock:
             logger.add(self.order.teardown(end))
@@ -188,25 +182,10 @@ class LogWritesTarget(Target):
     def _completed(self, rec):
         with self.lock:
             now = self.order.completed(rec)
+            if self.order.held_bytes > MAX_HELD:
+                now += self.order.spill()
             if now:
                 self.logger.add(now)
-            token = None
-            if self.order.unflushed_bytes > MAX_UNFLUSHED and not self.own_flush:
-                token = self.order.flush_issued()
-                self.own_flush = True
-                self.own_flush_over.clear()
-        if token is not None:
-            # on a thread of its own: the flush may take a while, and the
-            # completion that got us here must not wait for it
-            bio = Bio(FLUSH, 0, 0, None, REQ_PREFLUSH, self._own_flush_done, token)
-            threading.Thread(target=self.data.submit, args=(bio,), daemon=True,
-                             name="pydm-lw-flush").start()
-
-    def _own_flush_done(self, bio):
-        self._flush_completed(bio.private, bio.status)
-        with self.lock:
-            self.own_flush = False
-            self.own_flush_over.set()
 
     def _flush_completed(self, token, status):
         with self.lock:
