@@ -4,12 +4,13 @@ the super block's entry count kept trustworthy.
 Rules of this module:
 
 * One ``pydm.worker.Worker`` thread (lock class "lw.log") writes every
-  record in the order it was queued, each at the next free log sector.  A
-  run of small records side by side goes to a log on a file in one gathered
-  write (pwritev: the kernel copies them); on any other device they are
-  joined into writes of up to ``CHUNK`` bytes in reused staging buffers
-  (``STAGES`` of them filled, written, filled again).  A big payload (in a
-  pooled buffer) is written from there; up to 64 writes in flight.  Every record
+  record in the order it was queued, each at the next free log sector.  On
+  a log on a file, a round's records go in one gathered write (pwritev of
+  their headers and payloads, from where they are: the kernel copies
+  them); on any other device small records are joined into writes of up to
+  ``CHUNK`` bytes in reused staging buffers (``STAGES`` of them filled,
+  written, filled again) and a big payload (in a pooled buffer) is written
+  from there, up to 64 writes in flight.  Every record
   handed to the worker is released once its round is over, logged or not.
 * The super block's ``nr_entries`` is rewritten after each round that
   logged a FLUSH, FUA or MARK entry (and when logging stops, and at the
@@ -106,18 +107,18 @@ class LogWriter:
                 self.dropped += len(batch) - i
                 self._disable(f"the log is full ({self.log_sectors} sectors of {ss} bytes)")
                 break
-            if rec.payload is not None:
-                if run and not self._end_run(run, start):
-                    return
+            if gather:                            # header and payload: two more buffers
+                if not run:
+                    start = pos
+                run.append(rec.head)
+                if rec.payload is not None:
+                    run.append(rec.payload)
+            elif rec.payload is not None:
                 if used:                          # the staged run ends here
                     writes.append((start * ss, view[base:base + used]))
                     base, used = base + used, 0
                 writes.append((pos * ss, rec.head))        # from the record's own buffer
                 writes.append(((pos + 1) * ss, rec.payload))
-            elif gather:
-                if not run:
-                    start = pos
-                run.append(rec.head)
             else:
                 if view is None or base + used + nbytes > CHUNK:
                     if used:
