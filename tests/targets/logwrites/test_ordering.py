@@ -38,6 +38,15 @@ def let_go(gate, t):
     assert not t.is_alive()
 
 
+def wait_for_entries(rig, n):
+    """The log vouches for ``n`` entries (a flush in flight keeps ``settle``
+    from being used: a suspend would wait for it)."""
+    deadline = time.monotonic() + 10
+    while len(rig.entries()) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return kinds(rig.entries())
+
+
 def data(n, seed):
     return bytes([seed]) * (n * SECTOR)
 
@@ -87,11 +96,7 @@ def test_a_flush_also_covers_what_an_earlier_flush_still_in_flight_covers(gated)
     ga = held(gated, "flush", gated.flush)
     assert gated.write(16, data(8, 2)) == 0
     assert gated.flush() == 0
-    # (no settle here: a suspend would wait for flush A)
-    deadline = time.monotonic() + 10
-    while len(gated.entries()) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert kinds(gated.entries()) == ["W8", "W16", "FLUSH"]
+    assert wait_for_entries(gated, 3) == ["W8", "W16", "FLUSH"]
     let_go(*ga)
     gated.settle()
     assert kinds(gated.entries()) == ["W8", "W16", "FLUSH", "FLUSH"]
@@ -293,15 +298,6 @@ def test_past_the_bound_held_writes_spill_to_the_log_without_a_flush_entry(tmp_p
     r.close()
     assert kinds(r.entries()) == [f"W{i * 8}" for i in range(20)] + ["M:m",
                                                                       "M:dm-log-writes-end"]
-
-
-def wait_for_entries(rig, n):
-    """The log vouches for ``n`` entries (a flush in flight keeps ``settle``
-    from being used: a suspend would wait for it)."""
-    deadline = time.monotonic() + 10
-    while len(rig.entries()) < n and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return kinds(rig.entries())
 
 
 def test_a_spill_never_puts_a_write_ahead_of_a_flush_in_flight_that_does_not_cover_it(
