@@ -36,11 +36,20 @@ from pydm.targets.writeboost.blockmap import BlockMap
 
 NR_BUFFERS = 8
 NR_STATS = 16
+LOW_WATER = 32          # free slots under which writeback is urged ahead
+
+
+def low_water(nr_segments: int) -> int:
+    """Free slots under which a writer urges writeback before it has to
+    wait for a slot: 32 (16 MiB), or a 16th of a smaller log (0 for a log
+    under 16 segments: urged only when a slot is needed)."""
+    return min(LOW_WATER, nr_segments // 16)
 
 
 class CacheIndex:
     def __init__(self, geo: L.Geometry):
         self.geo = geo
+        self.low_water = low_water(geo.nr_segments)
         n = geo.nr_caches
         self.sector = array("q", [-1]) * n               # backing sector, -1 = none
         self.bits = bytearray(n)
@@ -94,6 +103,10 @@ class CacheIndex:
     def free_in_current(self) -> int:
         """Blocks still free in the segment being filled (0: none open)."""
         return self.seg_end - self.cursor if self.current_open else 0
+
+    def free_slots(self) -> int:
+        """Slots whose segment is written back, past the one being filled."""
+        return self.last_writeback + self.geo.nr_segments - self.current_id
 
     def length_of_current(self) -> int:
         return self.cursor - self.geo.slot_of(self.current_id) * L.BLOCKS_PER_SEGMENT

@@ -80,6 +80,23 @@ class Engine:
             if not self.writes_in_flight:
                 self.cond.notify_all()
 
+    def segment_written(self, seg_id, more: bool) -> bool:
+        """The flusher's segment write ended well: end its admission, move
+        ``last_flushed`` and wake waiters, and admit the next segment's write
+        when ``more`` follow, all under one hold of the lock (writers hold
+        it while they copy, so each taking costs the flusher a wait).
+        Returns whether the next write was admitted."""
+        with self.cond:
+            self.writes_in_flight -= 1
+            self.index.last_flushed = seg_id
+            self.cond.notify_all()
+            if self.urged:              # a writer waits for a slot this segment's
+                self.writeback.kick()   # writeback frees: it can go now
+            if not more or self.failing or self.life.failed:
+                return False
+            self.writes_in_flight += 1
+            return True
+
     def fail(self, err, store, op, sector) -> None:
         """Enter FAILED (once): no write is admitted from here on."""
         with self.cond:

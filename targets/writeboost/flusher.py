@@ -5,11 +5,15 @@ Rules of this module:
 
 * Runs on its own ``pydm.worker.Worker`` thread (lock class "wb.flush",
   taken after the target's lock when a segment is queued).  A round takes
-  every segment sealed since the last one and writes each with one bio from
-  its RAM buffer (header block and used data blocks), in id order, moving
-  ``last_flushed`` after each (so a writer waiting for that RAM buffer goes
-  on at once); ``last_flushed`` never passes a segment that is not on the
-  cache device.  While a writer urges writeback, each move kicks it (the
+  every segment sealed since the last one and writes them in id order from
+  their RAM buffers (header block and used data blocks): each alone, or,
+  on a cache that takes gathered writes (a file), full segments in
+  consecutive slots up to ``MAX_GROUP`` in one pwritev.  ``last_flushed``
+  moves after each write, in the same taking of the target's lock that
+  ends the write's admission and admits the next (writers hold that lock
+  while they copy: each taking costs a wait), so a writer waiting for a
+  RAM buffer goes on at once; it never passes a segment that is not on
+  the cache device.  While a writer urges writeback, each move kicks it (the
   segment whose slot the writer needs may only now be there to write
   back).  If any segment of the round carries a barrier, the cache
   device is FLUSHed once after all of them are written, and only then are
@@ -25,6 +29,28 @@ import errno
 from pydm import trace
 from pydm.worker import Worker
 from pydm.devio import IOFailed
+from pydm.targets.writeboost import layout as L
+
+MAX_GROUP = 8            # segments (4 MiB) in one gathered write at most
+
+
+def write_runs(batch, slot_of, gathers: bool, most: int = MAX_GROUP):
+    """The round's ``(segment id, bytes, barriers)`` as runs written with one
+    call each: where the cache takes gathered writes, full segments in
+    consecutive slots, up to ``most`` (a short segment may end a run, never
+    be followed in it: its end is not the next slot's start); else one
+    segment a run."""
+    if not gathers:
+        return [[item] for item in batch]
+    runs = []
+    for item in batch:
+        run = runs[-1] if runs else None
+        if (run is not None and len(run) < most and run[-1][1] == L.SEGMENT_BYTES
+                and slot_of(item[0]) == slot_of(run[-1][0]) + 1):
+            run.append(item)
+        else:
+            runs.append([item])
+    return runs
 
 
 class Flusher:
@@ -50,26 +76,31 @@ class Flusher:
         barriers = [b for _i, _n, bs in batch for b in bs]
         err = None
         written = 0
-        for seg_id, nbytes, _bs in batch:
-            if not eng.begin_write():
+        groups = write_runs(batch, index.geo.slot_of, eng.cache.gathers)
+        admitted = eng.begin_write()
+        for i, group in enumerate(groups):
+            if not admitted:
                 break
             try:
-                buf = index.buffer_of(seg_id)
                 if trace.on.wb_store_io:
-                    trace.emit("wb_store_io", eng=id(eng), store="cache", op="write", seg=seg_id)
-                eng.cache.write(index.geo.segment_offset(seg_id), memoryview(buf)[:nbytes])
+                    for seg_id, _n, _bs in group:
+                        trace.emit("wb_store_io", eng=id(eng), store="cache", op="write",
+                                   seg=seg_id)
+                offset = index.geo.segment_offset(group[0][0])
+                bufs = [index.buffer_of(seg_id)[:nbytes] for seg_id, nbytes, _bs in group]
+                if len(bufs) == 1:
+                    eng.cache.write(offset, bufs[0])
+                else:
+                    eng.cache.write_gather(offset, bufs)
             except IOFailed as e:
                 err = e
-            finally:
                 eng.end_write()
-            if err is not None:
                 break
-            written = seg_id
-            with eng.cond:              # at once: the writer may be waiting for its buffer
-                index.last_flushed = seg_id
-                eng.cond.notify_all()
-                if eng.urged:           # a writer waits for a slot this segment's
-                    eng.writeback.kick()    # writeback frees: it can go now
+            written = group[-1][0]
+            # one taking of the lock: the write ends, last_flushed moves (a
+            # writer waiting for those RAM buffers goes on at once), the
+            # next write is admitted
+            admitted = eng.segment_written(written, i + 1 < len(groups))
         ok = err is None and written == batch[-1][0]
         if ok and barriers:
             if eng.begin_write():

@@ -14,7 +14,9 @@ Rules of this module:
   on the cache device and a cache FLUSH succeeded.
 * Writes never span what they cannot see: a piece that needs a free block
   first waits for room (``_make_room``, which may seal, wait for the
-  flusher, urge the writeback), then looks its block up again.
+  flusher, urge the writeback), then looks its block up again.  Writeback
+  is urged also ahead of need, once the free slots drop under the index's
+  ``low_water``, so writers rarely wait for it one slot at a time.
 * Only the ACTIVE state takes writes; a wait for room ends with ``Failed``
   as soon as the target is not ACTIVE.
 """
@@ -232,11 +234,17 @@ class LogWriter:
             why = index.may_open_next()
             if not why:
                 index.open_next()
+                if index.free_slots() < index.low_water:
+                    self._urge()             # ahead: a batch, not a wait a slot
                 return
-            if why == "writeback" and not self.engine.urged:
-                self.engine.urged = True
-                self.engine.writeback.kick()
+            if why == "writeback":
+                self._urge()
             self.cond.wait(1.0)
+
+    def _urge(self):
+        if not self.engine.urged:
+            self.engine.urged = True
+            self.engine.writeback.kick()
 
     def seal(self, barriers):
         """Seal the segment being filled (opening an empty one first if

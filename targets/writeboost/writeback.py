@@ -5,8 +5,9 @@ Rules of this module:
 
 * One batch per background step of a ``pydm.worker.Worker`` (lock class
   "wb.writeback"), asked for by the modulator (backing utilisation under
-  ``writeback_threshold``), by a writer that needs the oldest slot (urged),
-  or by ``drop_caches`` (forced).
+  ``writeback_threshold``), by a writer that needs the oldest slot or sees
+  the free slots drop under ``low_water`` (urged, until they are back at
+  it), or by ``drop_caches`` (forced).
 * A batch is the next ``min(flushed - written back, nr_max_batched_writeback,
   free slots + 1)`` segments.  Only blocks still dirty in RAM are copied (a
   block overwritten later is already clean); they are written sorted by
@@ -57,8 +58,8 @@ class Writeback:
             return 0
         if not (eng.urged or eng.forced or self.allowed):
             return 0
-        free = index.last_writeback + index.geo.nr_segments - index.current_id
-        return max(1, min(pending, eng.tunables["nr_max_batched_writeback"], free + 1))
+        return max(1, min(pending, eng.tunables["nr_max_batched_writeback"],
+                          index.free_slots() + 1))
 
     def _step(self) -> bool:
         eng = self.engine
@@ -92,7 +93,7 @@ class Writeback:
             if trace.on.wb_advance:
                 trace.emit("wb_advance", eng=id(eng), upto=first + n - 1)
             self.last_batch = n
-            if index.last_writeback >= index.current_id + 1 - index.geo.nr_segments:
+            if index.free_slots() >= max(1, index.low_water):
                 eng.urged = False
             eng.cond.notify_all()
             return self._wanted(index) > 0

@@ -156,6 +156,29 @@ def test_the_log_wraps_through_urged_writeback_with_data_intact(tmp_path):
     r.close()
 
 
+def test_writeback_is_urged_ahead_once_free_slots_drop_under_the_low_water(tmp_path):
+    """A log of 64 segments urges writeback with 4 slots still free (a 16th),
+    so writers rarely wait for it a slot at a time: segments are written
+    back before any writer needs a slot, and only until 4 are free again."""
+    r = Rig(tmp_path, sectors=65536, segments=64)      # distinct blocks: all dirty
+    chunk = 254 * BLOCK // SECTOR                      # 2 segments' blocks a write
+    for i in range(30):                                # fills segments 1..60
+        r.write(i * chunk, pattern(chunk, i))
+    s = r.status()
+    assert s["current_id"] <= 61 and s["last_writeback"] == 0  # nothing urged yet
+    r.write(30 * chunk, pattern(chunk, 30))            # opens 61 and 62: 2 free
+    deadline = time.monotonic() + 10
+    while r.status()["last_writeback"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s = r.status()
+    assert s["current_id"] <= 64                       # no slot was needed yet...
+    assert 0 < s["last_writeback"]                     # ...but writeback ran
+    assert s["last_writeback"] + 64 - s["current_id"] >= 4    # back at the low water
+    assert s["last_writeback"] < s["last_flushed"] - 32       # and no further
+    r.expect(0, 31 * chunk)
+    r.close()
+
+
 class SlowCachePool(StorePool):
     """Stores whose writes to ``cache.img`` take ``delay`` seconds each: the
     flusher lags behind the writers."""
@@ -165,15 +188,22 @@ class SlowCachePool(StorePool):
         super().__init__(opener=self._open)
 
     def _open(self, path, readonly):
-        store = FileStore(path, readonly)
-        if os.path.basename(path) == "cache.img":
-            write_at, delay = store.write_at, self.delay
-
-            def slow_write_at(offset, data):
-                time.sleep(delay)
-                write_at(offset, data)
-            store.write_at = slow_write_at
+        if os.path.basename(path) != "cache.img":
+            return FileStore(path, readonly)
+        store = SlowStore(path, readonly)
+        store.delay = self.delay
         return store
+
+
+class SlowStore(FileStore):
+    """A file whose every write takes ``delay`` seconds more (a subclass, so
+    a gathered write of several segments is still one delayed write each)."""
+
+    delay = 0.0
+
+    def write_at(self, offset, data):
+        time.sleep(self.delay)
+        super().write_at(offset, data)
 
 
 def test_a_writer_urging_writeback_before_the_flusher_caught_up_is_not_stranded(tmp_path):
