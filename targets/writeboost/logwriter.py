@@ -38,6 +38,13 @@ log = logging.getLogger("pydm.writeboost")
 SECTOR = L.SECTOR
 
 
+def copy(dst, src) -> None:
+    """``dst[:] = src`` with the GIL released (numpy's copy lets it go,
+    a memoryview's does not): the flusher and the NBD threads go on while a
+    writer copies a large write."""
+    np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))
+
+
 class Failed(Exception):
     """The target is FAILED (or stopping): the I/O gets EIO."""
 
@@ -209,7 +216,7 @@ class LogWriter:
             buf = index.buffers[(index.current_id - 1) % NR_BUFFERS]
             base = (c % L.BLOCKS_PER_SEGMENT + 1) * L.BLOCK
             lo = done * L.BLOCK
-            buf[base:base + k * L.BLOCK] = src[lo:lo + k * L.BLOCK]
+            copy(buf[base:base + k * L.BLOCK], src[lo:lo + k * L.BLOCK])
             done += k
 
     def block_data(self, idx) -> bytes:
