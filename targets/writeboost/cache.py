@@ -61,6 +61,11 @@ class CacheIndex:
         self.nr_dirty = 0
         self.slot_id = [0] * geo.nr_segments       # segment id each slot holds
         self.slot_readers = [0] * geo.nr_segments  # reads in flight from a slot
+        # per slot: the newest segment whose write dropped a dirty block of
+        # the segment there (its copy lives only in that newer segment now)
+        self.superseded = array("q", [0]) * geo.nr_segments
+        self.superseded_np = np.frombuffer(self.superseded, dtype=np.int64)
+        self.durable_before = [0] * NR_BUFFERS     # see open_next
         # memoryviews: a slice assignment into one is a plain memcpy
         self.buffers = [memoryview(bytearray(L.SEGMENT_BYTES)) for _ in range(NR_BUFFERS)]
         self.buffer_id = [0] * NR_BUFFERS          # segment id each buffer holds
@@ -136,7 +141,9 @@ class CacheIndex:
         found = positions >= 0
         old = self.map.values_at(positions[found])
         if len(old):
-            self.nr_dirty -= int(self.dirty_np[old].sum())
+            dirty = old[self.dirty_np[old] != 0]
+            self.superseded_np[dirty // L.BLOCKS_PER_SEGMENT] = self.current_id
+            self.nr_dirty -= len(dirty)
             self.dirty_np[old] = 0
             self.sector_np[old] = -1
             self.bits_np[old] = 0
@@ -163,6 +170,13 @@ class CacheIndex:
             self.dirty[idx] = 0
             self.nr_dirty -= 1
 
+    def supersede(self, idx: int) -> None:
+        """Drop block ``idx``: a write into the current segment replaces it
+        (``unlink``, and noted in ``superseded`` when it was dirty)."""
+        if self.dirty[idx]:
+            self.superseded[idx // L.BLOCKS_PER_SEGMENT] = self.current_id
+        self.unlink(idx)
+
     def unlink(self, idx: int) -> None:
         """Forget block ``idx`` (a newer copy replaces it, or its slot is
         reused): clean, and no longer found by lookup."""
@@ -172,6 +186,11 @@ class CacheIndex:
             self.map.delete(s // L.BLOCK_SECTORS, idx)
             self.sector[idx] = -1
             self.bits[idx] = 0
+
+    def durable_before_of(self, seg_id: int) -> int:
+        """The segment that must be durable on the cache before ``seg_id``
+        (still in its RAM buffer) is written into its slot (0: none)."""
+        return self.durable_before[(seg_id - 1) % NR_BUFFERS]
 
     def buffer_of(self, seg_id: int) -> memoryview:
         return self.buffers[(seg_id - 1) % NR_BUFFERS]
@@ -207,7 +226,11 @@ class CacheIndex:
 
     def open_next(self) -> None:
         """Start segment ``current_id + 1`` (``may_open_next()`` said yes):
-        what its slot held is forgotten (it was written back)."""
+        what its slot held is forgotten (it was written back).  Its
+        ``durable_before`` is the newest segment that superseded a dirty
+        block of the slot's old segment: the old copy was never written
+        home, so that newer one must be durable before the slot is
+        overwritten (see the flusher)."""
         nxt = self.current_id + 1
         slot = self.geo.slot_of(nxt)
         base = slot * L.BLOCKS_PER_SEGMENT
@@ -215,6 +238,8 @@ class CacheIndex:
             self.unlink(base + int(idx))
         self.slot_id[slot] = nxt
         self.buffer_id[(nxt - 1) % NR_BUFFERS] = nxt
+        self.durable_before[(nxt - 1) % NR_BUFFERS] = self.superseded[slot]
+        self.superseded[slot] = 0
         self.current_id = nxt
         self.current_open = True
         self.cursor = base
@@ -239,6 +264,7 @@ class CacheIndex:
 
     def memory_bytes(self) -> int:
         return (self.sector_np.nbytes + self.bits_np.nbytes + self.dirty_np.nbytes
+                + self.superseded_np.nbytes
                 + len(self.map.keys) * 8 + len(self.map.vals) * 4
                 + NR_BUFFERS * L.SEGMENT_BYTES)
 
@@ -247,4 +273,5 @@ def estimate_memory(geo: L.Geometry) -> int:
     """Bytes of RAM a cache of this geometry costs (see ``memory_bytes``)."""
     n = geo.nr_caches
     slots = 1 << max(4, (2 * max(1, n) - 1).bit_length())
-    return n * (8 + 1 + 1) + slots * 12 + NR_BUFFERS * L.SEGMENT_BYTES
+    return (n * (8 + 1 + 1) + slots * 12 + geo.nr_segments * 8
+            + NR_BUFFERS * L.SEGMENT_BYTES)

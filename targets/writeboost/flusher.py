@@ -18,6 +18,16 @@ Rules of this module:
   back).  If any segment of the round carries a barrier, the cache
   device is FLUSHed once after all of them are written, and only then are
   the barriers acknowledged.
+* A slot is overwritten only once the dirty blocks its old segment lost to
+  newer writes are durable in those newer segments: such a block was never
+  written home, so if the newer segment were still volatile when the old
+  one is overwritten, a power cut that kept the new write and lost the
+  newer segment (allowed without a FLUSH between them) would lose a block
+  an acknowledged flush covered, the old copy and the newer one both gone.
+  Each segment carries the newest segment that must be durable first
+  (``CacheIndex.open_next``); when that is past what the flusher last
+  FLUSHed, it FLUSHes the cache before writing it (with a log much larger
+  than the rewrite distance, one FLUSH covers many laps' worth of slots).
 * A failed segment write or cache FLUSH makes the target FAILED; the
   segment and every later one stay unflushed, and their barriers get EIO.
   Once FAILED, nothing is written: queued segments only have their
@@ -35,18 +45,20 @@ MAX_GROUP = 8            # segments (4 MiB) in one gathered write at most
 
 
 def write_runs(batch, slot_of, gathers: bool, most: int = MAX_GROUP):
-    """The round's ``(segment id, bytes, barriers)`` as runs written with one
-    call each: where the cache takes gathered writes, full segments in
-    consecutive slots, up to ``most`` (a short segment may end a run, never
-    be followed in it: its end is not the next slot's start); else one
-    segment a run."""
+    """The round's ``(segment id, bytes, barriers, durable before)`` as runs
+    written with one call each: where the cache takes gathered writes, full
+    segments in consecutive slots, up to ``most`` (a short segment may end a
+    run, never be followed in it: its end is not the next slot's start; a
+    segment that needs one of its run durable first starts a new run); else
+    one segment a run."""
     if not gathers:
         return [[item] for item in batch]
     runs = []
     for item in batch:
         run = runs[-1] if runs else None
         if (run is not None and len(run) < most and run[-1][1] == L.SEGMENT_BYTES
-                and slot_of(item[0]) == slot_of(run[-1][0]) + 1):
+                and slot_of(item[0]) == slot_of(run[-1][0]) + 1
+                and item[3] < run[0][0]):
             run.append(item)
         else:
             runs.append([item])
@@ -58,6 +70,7 @@ class Flusher:
         self.engine = engine
         self.worker = Worker(f"pydm-wb-flush {name}", self._process, send=self._ack,
                              lock_class="wb.flush")
+        self.durable = 0       # segments up to this one were written and FLUSHed
 
     def start(self):
         self.worker.start()
@@ -66,14 +79,15 @@ class Flusher:
         self.worker.stop()
 
     def add(self, item):
-        """Queue (segment id, bytes to write, barriers); called with the
-        target's lock held, in id order."""
+        """Queue (segment id, bytes to write, barriers, the segment that must
+        be durable before this one is written); called with the target's
+        lock held, in id order."""
         self.worker.add(item)
 
     def _process(self, batch):
         eng = self.engine
         index = eng.index
-        barriers = [b for _i, _n, bs in batch for b in bs]
+        barriers = [b for _i, _n, bs, _d in batch for b in bs]
         err = None
         written = 0
         groups = write_runs(batch, index.geo.slot_of, eng.cache.gathers)
@@ -82,12 +96,14 @@ class Flusher:
             if not admitted:
                 break
             try:
+                if max(item[3] for item in group) > self.durable:
+                    self._flush(index.last_flushed)
                 if trace.on.wb_store_io:
-                    for seg_id, _n, _bs in group:
+                    for seg_id, _n, _bs, _d in group:
                         trace.emit("wb_store_io", eng=id(eng), store="cache", op="write",
                                    seg=seg_id)
                 offset = index.geo.segment_offset(group[0][0])
-                bufs = [index.buffer_of(seg_id)[:nbytes] for seg_id, nbytes, _bs in group]
+                bufs = [index.buffer_of(seg_id)[:nbytes] for seg_id, nbytes, _bs, _d in group]
                 if len(bufs) == 1:
                     eng.cache.write(offset, bufs[0])
                 else:
@@ -105,11 +121,7 @@ class Flusher:
         if ok and barriers:
             if eng.begin_write():
                 try:
-                    if trace.on.wb_store_io:
-                        trace.emit("wb_store_io", eng=id(eng), store="cache", op="flush")
-                    eng.cache.flush()
-                    if trace.on.wb_durable:     # segments up to ``written`` are durable
-                        trace.emit("wb_durable", eng=id(eng), seg=written)
+                    self._flush(written)
                 except IOFailed as e:
                     err = e
                     ok = False
@@ -120,6 +132,17 @@ class Flusher:
         if err is not None:
             eng.fail_io(err)
         return [(b, 0 if ok else errno.EIO) for b in barriers] or None
+
+    def _flush(self, upto):
+        """FLUSH the cache (admitted by the caller): segments up to ``upto``,
+        all written, become durable."""
+        eng = self.engine
+        if trace.on.wb_store_io:
+            trace.emit("wb_store_io", eng=id(eng), store="cache", op="flush")
+        eng.cache.flush()
+        self.durable = upto
+        if trace.on.wb_durable:
+            trace.emit("wb_durable", eng=id(eng), seg=upto)
 
     @staticmethod
     def _ack(acks):

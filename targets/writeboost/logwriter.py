@@ -121,6 +121,7 @@ class LogWriter:
                 if index.dirty[idx]:
                     index.dirty[idx] = 0
                     index.nr_dirty -= 1
+                    index.superseded[idx // L.BLOCKS_PER_SEGMENT] = index.current_id
                 index.sector[idx] = -1
                 index.bits[idx] = 0
                 imap.vals[pos] = c
@@ -162,7 +163,7 @@ class LogWriter:
                 old_bits = index.bits[idx] & ~mask & L.FULL
                 if old_bits:
                     old = self.block_data(idx)
-            index.unlink(idx)
+            index.supersede(idx)
         else:
             index.stats[0b1000 | full] += 1
             if self.engine.readcache.cells:
@@ -267,7 +268,8 @@ class LogWriter:
             for b in barriers:          # bar: a bio's id, or -id() of a sync's Waiter
                 trace.emit("wb_bind", eng=id(self.engine), bar=getattr(b, "id", -id(b)),
                            seg=index.last_sealed)
-        self.engine.flusher.add((index.last_sealed, nbytes, barriers))
+        seg = index.last_sealed
+        self.engine.flusher.add((seg, nbytes, barriers, index.durable_before_of(seg)))
 
     def flush(self, bio) -> int:
         """An empty flush: seal, even an empty segment, with it attached."""

@@ -17,6 +17,10 @@ Rules of this module:
   what follows it was never covered by an acknowledged flush, and the older
   segment left in its slot is never applied after newer ones (the original
   target's stale-data bug).
+* A dirty copy dropped for a newer segment's is noted in the index's
+  ``superseded`` (as the write path does): the replayed segments may sit
+  in a page cache only, and the old copy's slot must not be overwritten
+  before the newer one is durable.
 * The superblock record (last written-back id) is clamped into
   [max(start - 1, last_flushed - nr_segments), last_flushed].
 * Replaying the same image twice gives the same index and merges.
@@ -131,6 +135,8 @@ def _apply(index, seg, written_back, read, merges):
                 for j in range(L.BLOCK_SECTORS):
                     if extra >> j & 1:
                         merges.append((sector + j, data[j * L.SECTOR:(j + 1) * L.SECTOR]))
+            if index.dirty[old]:        # its slot waits for this one to be durable
+                index.superseded[old // L.BLOCKS_PER_SEGMENT] = seg.id
             index.unlink(old)
         bits = dbits if dbits else L.FULL
         idx = base + k

@@ -59,10 +59,19 @@ class VolatileStore(Store):
             self.inner.write_at(off, data)
         self.inner.flush()
 
-    def power_cut(self):
+    def power_cut(self, keep=None):
+        """Lose power: the write cache is gone, and so is every later write.
+        ``keep(offset, data)``, when given, names cached writes that reached
+        the media anyway (a device may persist unflushed writes in any
+        order); they are applied, oldest first."""
         with self.lock:
-            self.cache = []
+            cache, self.cache = self.cache, []
             self.dead = True
+        kept = [(off, data) for off, data in cache if keep is not None and keep(off, data)]
+        for off, data in kept:
+            self.inner.write_at(off, data)
+        if kept:
+            self.inner.flush()
 
     def extents(self, offset, length):
         return self.inner.extents(offset, length)
@@ -83,6 +92,6 @@ class VolatilePool(StorePool):
         self.opened.append(s)
         return s
 
-    def power_cut(self):
+    def power_cut(self, keep=None):
         for s in self.opened:
-            s.power_cut()
+            s.power_cut(keep)

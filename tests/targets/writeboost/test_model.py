@@ -6,6 +6,7 @@ holds what the last acknowledged flush (or FUA) covered, or something
 written after it."""
 
 import os
+import random
 import sys
 
 import hypothesis.strategies as st
@@ -111,9 +112,15 @@ class WriteboostModel(RuleBasedStateMachine):
         self._acked_flush()
         self._build()
 
-    @rule()
-    def power_cut(self):
-        self.pool.power_cut()
+    @rule(seed=st.none() | st.integers(0, 2 ** 32 - 1))
+    def power_cut(self, seed):
+        """Lose power; with a seed, a random half of the writes not yet
+        flushed reached the media anyway, in any order."""
+        if seed is None:
+            self.pool.power_cut()
+        else:
+            rng = random.Random(seed)
+            self.pool.power_cut(keep=lambda _off, _data: rng.random() < 0.5)
         self.control.shutdown()
         self._build()
         status, buf = do_io(self.dev, READ, 0, SECTORS)

@@ -3,6 +3,7 @@
 order, replay, write-around, drop_caches and the messages."""
 
 import os
+import sys
 import threading
 import time
 
@@ -15,6 +16,9 @@ from pydm.store import FileStore
 from pydm.store_registry import StorePool
 from pydm.targets.writeboost import layout as L
 from wbtest import BLOCK, SB, SECTOR, SEGMENT, FaultyPool, KillablePool, Rig, stat
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "contract"))
+from volatile_store import VolatileStore  # noqa: E402
 
 
 @pytest.fixture
@@ -290,6 +294,98 @@ def test_replay_stops_at_a_lost_middle_segment_instead_of_resurrecting_stale_dat
     s = r.status()
     assert s["last_flushed"] == 5                      # the log ends before the gap
     assert r.read(0, 8) == pattern(8, 5)               # neither 7 nor the stale 3
+    r.close()
+
+
+class CutAtOffsetStore(VolatileStore):
+    """A cache behind a volatile write cache that loses power right after
+    the write at ``cut_at`` (once armed), keeping that write and every
+    unflushed one except those at ``lost``: the reordering a device may do
+    without a FLUSH between them."""
+
+    cut_at = lost = None
+
+    def write_at(self, offset, data):
+        super().write_at(offset, data)
+        if offset == self.cut_at:
+            self.power_cut(keep=lambda off, _d: off != self.lost)
+
+
+class CutPool(StorePool):
+    """The cache a ``CutAtOffsetStore``, its write cache holding ``held``
+    from the start (what a killed daemon left in the page cache)."""
+
+    def __init__(self, held=()):
+        self.by_name = {}
+        self.held = list(held)
+        super().__init__(opener=self._open)
+
+    def _open(self, path, readonly):
+        if os.path.basename(path) != "cache.img":
+            return FileStore(path, readonly)
+        s = CutAtOffsetStore(path, readonly)
+        s.cache = list(self.held)
+        self.by_name["cache.img"] = s
+        return s
+
+
+def test_a_slot_is_overwritten_only_once_newer_copies_of_its_dirty_blocks_are_durable(tmp_path):
+    """Block 0 is written and flushed in segment 1, then rewritten in segment
+    2: segment 1's copy is dropped, never written home.  The log wraps to
+    segment 1's slot with no flush since.  Segment 5 must not reach that slot
+    before segment 2 is durable: a power cut that kept segment 5's write but
+    not segment 2's (allowed without a FLUSH between them) would leave
+    neither copy of block 0, whose first version an acknowledged flush
+    covered."""
+    pool = CutPool()
+    r = Rig(tmp_path, segments=4, stores=pool)         # 1024 blocks, 4 slots
+    geo = L.Geometry(os.path.getsize(r.cache))
+    r.write(0, pattern(8, 1))
+    assert r.flush() == 0                              # segment 1: durable
+    cache = pool.by_name["cache.img"]
+    cache.cut_at, cache.lost = geo.segment_offset(5), geo.segment_offset(2)
+    r.write(0, pattern(8, 2))                          # segment 2 drops 1's copy
+    for first in range(1, 381, 20):                    # fill segments 2, 3 and 4
+        r.write(first * 8, pattern(20 * 8, first))
+    r.write(381 * 8, pattern(8, 3), flags=REQ_FUA)     # seals 4; 5 takes slot 0
+    assert cache.dead                                  # the cut came
+    r.recreate()
+    assert r.read(0, 8) in (pattern(8, 1), pattern(8, 2))
+    r.close()
+
+
+def test_a_replayed_log_is_durable_before_a_slot_it_superseded_is_overwritten(tmp_path):
+    """A daemon killed after segment 2 reached the cache's write cache but
+    no FLUSH: the next start replays it (block 0's copy in segment 1 is
+    dropped for segment 2's) and must make it durable before segment 1's
+    slot is overwritten, or the power cut of the test above loses block 0
+    in the same way."""
+    pool = CutPool()
+    r = Rig(tmp_path, segments=4, stores=pool)
+    geo = L.Geometry(os.path.getsize(r.cache))
+    r.write(0, pattern(8, 1))
+    assert r.flush() == 0                              # segment 1: durable
+    r.write(0, pattern(8, 2))
+    r.write(8, pattern(126 * 8, 7))                    # segment 2 full...
+    r.write(127 * 8, pattern(8, 8))                    # ...sealed, written, not flushed
+    deadline = time.monotonic() + 10
+    while r.status()["last_flushed"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    cache = pool.by_name["cache.img"]
+    held = list(cache.cache)
+    assert any(off == geo.segment_offset(2) for off, _d in held)
+    cache.power_cut()                                  # kill -9: the page cache stays
+    pool = CutPool(held)
+    r.recreate(pool)
+    assert r.read(0, 8) == pattern(8, 2)
+    cache = pool.by_name["cache.img"]
+    cache.cut_at, cache.lost = geo.segment_offset(5), geo.segment_offset(2)
+    for first in (128, 255):                           # fill segments 3 and 4
+        r.write(first * 8, pattern(127 * 8, first))
+    r.write(382 * 8, pattern(8, 3), flags=REQ_FUA)     # 5 takes segment 1's slot
+    assert cache.dead
+    r.recreate()
+    assert r.read(0, 8) == pattern(8, 2)
     r.close()
 
 
