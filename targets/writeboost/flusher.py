@@ -26,8 +26,10 @@ Rules of this module:
   an acknowledged flush covered, the old copy and the newer one both gone.
   Each segment carries the newest segment that must be durable first
   (``CacheIndex.open_next``); when that is past what the flusher last
-  FLUSHed, it FLUSHes the cache before writing it (with a log much larger
-  than the rewrite distance, one FLUSH covers many laps' worth of slots).
+  FLUSHed, it FLUSHes the cache before writing it.  To keep that off the
+  write path, a second thread (lock class "wb.preflush") FLUSHes the cache
+  ahead of need whenever a quarter of the log (of 16 segments or more) was
+  written since the last FLUSH; ``durable`` only grows, whichever thread FLUSHed.
 * A failed segment write or cache FLUSH makes the target FAILED; the
   segment and every later one stay unflushed, and their barriers get EIO.
   Once FAILED, nothing is written: queued segments only have their
@@ -71,11 +73,18 @@ class Flusher:
         self.worker = Worker(f"pydm-wb-flush {name}", self._process, send=self._ack,
                              lock_class="wb.flush")
         self.durable = 0       # segments up to this one were written and FLUSHed
+        # FLUSHes ahead of need, on their own thread: see _ahead
+        self.ahead = Worker(f"pydm-wb-preflush {name}", lambda _b: None,
+                            step=self._flush_ahead, lock_class="wb.preflush")
+        n = engine.index.geo.nr_segments
+        self.ahead_lag = n // 4 if n >= 16 else n + 1      # (never, in a tiny log)
 
     def start(self):
         self.worker.start()
+        self.ahead.start()
 
     def stop(self):
+        self.ahead.stop()
         self.worker.stop()
 
     def add(self, item):
@@ -113,6 +122,8 @@ class Flusher:
                 eng.end_write()
                 break
             written = group[-1][0]
+            if not barriers and written - self.durable >= self.ahead_lag:
+                self.ahead.kick()           # (with barriers: FLUSHed below)
             # one taking of the lock: the write ends, last_flushed moves (a
             # writer waiting for those RAM buffers goes on at once), the
             # next write is admitted
@@ -133,6 +144,26 @@ class Flusher:
             eng.fail_io(err)
         return [(b, 0 if ok else errno.EIO) for b in barriers] or None
 
+    def _flush_ahead(self) -> bool:
+        """A cache FLUSH off the flusher's thread, once the segments written
+        since the last one reach a quarter of the log: by the time a slot
+        needs its newer copies durable they mostly are, and the flusher
+        writes on while the FLUSH runs (a file's fdatasync writes back
+        everything dirty: for a log that never saw a client flush, the
+        whole log)."""
+        eng = self.engine
+        upto = eng.index.last_flushed    # written: a FLUSH issued now covers them
+        if upto <= self.durable or not eng.begin_write():
+            return False
+        try:
+            self._flush(upto)
+        except IOFailed as e:
+            eng.end_write()
+            eng.fail_io(e)
+            return False
+        eng.end_write()
+        return False
+
     def _flush(self, upto):
         """FLUSH the cache (admitted by the caller): segments up to ``upto``,
         all written, become durable."""
@@ -140,7 +171,10 @@ class Flusher:
         if trace.on.wb_store_io:
             trace.emit("wb_store_io", eng=id(eng), store="cache", op="flush")
         eng.cache.flush()
-        self.durable = upto
+        # two threads may FLUSH at once: durable only grows (a lost update
+        # leaves it lower, which only costs an extra FLUSH)
+        if upto > self.durable:
+            self.durable = upto
         if trace.on.wb_durable:
             trace.emit("wb_durable", eng=id(eng), seg=upto)
 

@@ -389,6 +389,30 @@ def test_a_replayed_log_is_durable_before_a_slot_it_superseded_is_overwritten(tm
     r.close()
 
 
+def test_the_cache_is_flushed_ahead_once_a_quarter_of_the_log_is_unflushed(tmp_path):
+    """No client flush at all: once a quarter of the log was written since
+    the last FLUSH, the cache is FLUSHed off the flusher's thread, so the
+    FLUSH a reused slot may need is mostly done before it is needed."""
+    pool = FaultyPool()
+    r = Rig(tmp_path, sectors=65536, segments=16, stores=pool)  # a quarter: 4
+    cache = pool.by_name["cache.img"]
+    before = cache.flushes
+    r.write(0, pattern(3 * 127 * 8, 1))                # segments 1-3, 3 open
+    r.write(3 * 127 * 8, pattern(8, 2))                # 3 sealed and written
+    deadline = time.monotonic() + 10
+    while r.status()["last_flushed"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cache.flushes == before                     # three segments: not yet
+    r.write((3 * 127 + 1) * 8, pattern(127 * 8, 3))    # 4 sealed and written
+    deadline = time.monotonic() + 10
+    while cache.flushes == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cache.flushes > before
+    assert r.status()["current_id"] <= 5
+    r.expect(0, (4 * 127 + 1) * 8)
+    r.close()
+
+
 def test_a_record_above_the_end_of_the_log_is_clamped(tmp_path):
     r = Rig(tmp_path)
     r.write(0, pattern(8, 1))
