@@ -28,8 +28,8 @@ Rules of this module:
   (``CacheIndex.open_next``); when that is past what the flusher last
   FLUSHed, it FLUSHes the cache before writing it.  To keep that off the
   write path, a second thread (lock class "wb.preflush") FLUSHes the cache
-  ahead of need whenever a quarter of the log (of 16 segments or more) was
-  written since the last FLUSH; ``durable`` only grows, whichever thread FLUSHed.
+  ahead of need once a slot due within a quarter of the log (of 16
+  segments or more) will need it; ``durable`` only grows, whichever thread FLUSHed.
 * A failed segment write or cache FLUSH makes the target FAILED; the
   segment and every later one stay unflushed, and their barriers get EIO.
   Once FAILED, nothing is written: queued segments only have their
@@ -77,7 +77,7 @@ class Flusher:
         self.ahead = Worker(f"pydm-wb-preflush {name}", lambda _b: None,
                             step=self._flush_ahead, lock_class="wb.preflush")
         n = engine.index.geo.nr_segments
-        self.ahead_lag = n // 4 if n >= 16 else n + 1      # (never, in a tiny log)
+        self.ahead_lag = n // 4 if n >= 16 else 0          # (never, in a tiny log)
 
     def start(self):
         self.worker.start()
@@ -122,7 +122,7 @@ class Flusher:
                 eng.end_write()
                 break
             written = group[-1][0]
-            if not barriers and written - self.durable >= self.ahead_lag:
+            if not barriers and self._durable_soon_needed(written):
                 self.ahead.kick()           # (with barriers: FLUSHed below)
             # one taking of the lock: the write ends, last_flushed moves (a
             # writer waiting for those RAM buffers goes on at once), the
@@ -144,13 +144,30 @@ class Flusher:
             eng.fail_io(err)
         return [(b, 0 if ok else errno.EIO) for b in barriers] or None
 
+    def _durable_soon_needed(self, written) -> bool:
+        """Whether a segment due within ``ahead_lag`` of ``written`` will
+        reuse a slot whose dropped dirty blocks' newer copies are not yet
+        durable (read without the target's lock: a stale value only moves
+        a FLUSH ahead of need, or leaves it to the write that needs it)."""
+        k = self.ahead_lag
+        if not k:
+            return False
+        sup = self.engine.index.superseded_np
+        n = len(sup)
+        first = written % n                 # the slot of segment written + 1
+        end = first + k
+        if end <= n:
+            newest = sup[first:end].max()
+        else:
+            newest = max(sup[first:].max(), sup[:end - n].max())
+        return newest > self.durable
+
     def _flush_ahead(self) -> bool:
-        """A cache FLUSH off the flusher's thread, once the segments written
-        since the last one reach a quarter of the log: by the time a slot
-        needs its newer copies durable they mostly are, and the flusher
-        writes on while the FLUSH runs (a file's fdatasync writes back
-        everything dirty: for a log that never saw a client flush, the
-        whole log)."""
+        """A cache FLUSH off the flusher's thread, once a slot due within a
+        quarter of the log will need one: by the time the slot is reused its
+        newer copies are durable, and the flusher wrote on meanwhile (a
+        file's fdatasync writes back everything dirty: for a log that never
+        saw a client flush, the whole log)."""
         eng = self.engine
         upto = eng.index.last_flushed    # written: a FLUSH issued now covers them
         if upto <= self.durable or not eng.begin_write():

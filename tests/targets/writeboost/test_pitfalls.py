@@ -389,27 +389,48 @@ def test_a_replayed_log_is_durable_before_a_slot_it_superseded_is_overwritten(tm
     r.close()
 
 
-def test_the_cache_is_flushed_ahead_once_a_quarter_of_the_log_is_unflushed(tmp_path):
-    """No client flush at all: once a quarter of the log was written since
-    the last FLUSH, the cache is FLUSHed off the flusher's thread, so the
-    FLUSH a reused slot may need is mostly done before it is needed."""
+def wait_flushed(r, seg_id):
+    deadline = time.monotonic() + 10
+    while r.status()["last_flushed"] < seg_id and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert r.status()["last_flushed"] >= seg_id
+
+
+def test_the_cache_is_flushed_ahead_when_a_slot_due_soon_will_need_it(tmp_path):
+    """No client flush at all.  Segment 2 drops a dirty block of segment 1, so
+    segment 17, which reuses its slot, needs 2 durable first: the cache is
+    FLUSHed off the flusher's thread once segment 17 is due within a quarter
+    of the log (4 segments), not before, and not when no slot needs it."""
     pool = FaultyPool()
-    r = Rig(tmp_path, sectors=65536, segments=16, stores=pool)  # a quarter: 4
+    r = Rig(tmp_path, sectors=65536, segments=16, stores=pool)
     cache = pool.by_name["cache.img"]
     before = cache.flushes
-    r.write(0, pattern(3 * 127 * 8, 1))                # segments 1-3, 3 open
-    r.write(3 * 127 * 8, pattern(8, 2))                # 3 sealed and written
-    deadline = time.monotonic() + 10
-    while r.status()["last_flushed"] < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert cache.flushes == before                     # three segments: not yet
-    r.write((3 * 127 + 1) * 8, pattern(127 * 8, 3))    # 4 sealed and written
+    r.write(0, pattern(14 * 127 * 8 + 8, 1))           # segments 1-14 of distinct
+    r.write(14 * 127 * 8 + 8, pattern(8, 2))           # blocks, 14 sealed: nothing
+    wait_flushed(r, 14)                                # superseded, no FLUSH
+    assert cache.flushes == before
+    r.close()
+
+    (tmp_path / "b").mkdir()
+    pool = FaultyPool()
+    r = Rig(tmp_path / "b", sectors=65536, segments=16, stores=pool)
+    cache = pool.by_name["cache.img"]
+    before = cache.flushes
+    r.write(0, pattern(127 * 8, 1))                    # segment 1: blocks 0-126
+    r.write(127 * 8, pattern(8, 2))                    # seals it; 2 takes block 127
+    r.write(0, pattern(8, 3))                          # and drops 1's block 0
+    r.write(128 * 8, pattern((125 + 10 * 127) * 8, 4))  # 2 full, then 3-12
+    r.write(1523 * 8, pattern(8, 5))                   # 12 sealed, 13 open
+    wait_flushed(r, 12)
+    assert cache.flushes == before                     # 17 is 5 away: not yet
+    r.write(1524 * 8, pattern(126 * 8, 6))             # 13 full
+    r.write(1650 * 8, pattern(8, 7))                   # 13 sealed: 17 is 4 away
     deadline = time.monotonic() + 10
     while cache.flushes == before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert cache.flushes > before
-    assert r.status()["current_id"] <= 5
-    r.expect(0, (4 * 127 + 1) * 8)
+    assert r.status()["current_id"] == 14
+    assert r.read(0, 8) == pattern(8, 3)
     r.close()
 
 
