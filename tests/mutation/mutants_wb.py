@@ -55,8 +55,8 @@ def _ack_before_cache_flush(mp):
 
     def process(self, batch):
         eng = self.engine
-        barriers = [b for _i, _n, bs in batch for b in bs]
-        real(self, [(seg, n, []) for seg, n, _bs in batch])   # segments, no FLUSH
+        barriers = [b for _i, _n, bs, _d in batch for b in bs]
+        real(self, [(seg, n, [], d) for seg, n, _bs, d in batch])   # segments, no FLUSH
         with eng.cond:
             written = eng.index.last_flushed >= batch[-1][0]
         if barriers:
