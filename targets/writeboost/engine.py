@@ -80,6 +80,20 @@ class Engine:
             if not self.writes_in_flight:
                 self.cond.notify_all()
 
+    def admitted(self, op) -> bool:
+        """Run ``op()``, a store write or flush, admitted by ``begin_write``;
+        its failure FAILs the target.  False: not admitted, or it failed."""
+        if not self.begin_write():
+            return False
+        try:
+            op()
+        except IOFailed as e:
+            self.end_write()
+            self.fail_io(e)
+            return False
+        self.end_write()
+        return True
+
     def segment_written(self, seg_id, more: bool) -> bool:
         """The flusher's segment write ended well: end its admission, move
         ``last_flushed`` and wake waiters, and admit the next segment's write

@@ -170,15 +170,8 @@ class Flusher:
         saw a client flush, the whole log)."""
         eng = self.engine
         upto = eng.index.last_flushed    # written: a FLUSH issued now covers them
-        if upto <= self.durable or not eng.begin_write():
-            return False
-        try:
-            self._flush(upto)
-        except IOFailed as e:
-            eng.end_write()
-            eng.fail_io(e)
-            return False
-        eng.end_write()
+        if upto > self.durable:
+            eng.admitted(lambda: self._flush(upto))
         return False
 
     def _flush(self, upto):

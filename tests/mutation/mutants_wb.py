@@ -30,24 +30,6 @@ def release_stranded():
     return len(out)
 
 
-def _cache_flush(eng, upto):
-    """The flusher's cache FLUSH and its trace points (True: it succeeded)."""
-    if not eng.begin_write():
-        return False
-    try:
-        if trace.ENABLED:
-            trace.emit("wb_store_io", eng=id(eng), store="cache", op="flush")
-        eng.cache.flush()
-        if trace.ENABLED:
-            trace.emit("wb_durable", eng=id(eng), seg=upto)
-    except IOFailed as e:
-        eng.end_write()
-        eng.fail_io(e)
-        return False
-    eng.end_write()
-    return True
-
-
 def _ack_before_cache_flush(mp):
     # the flusher acknowledges a round's barriers once its segments are
     # written, and only then FLUSHes the cache store
@@ -62,7 +44,7 @@ def _ack_before_cache_flush(mp):
         if barriers:
             self._ack([(b, 0 if written else errno.EIO) for b in barriers])
             if written:
-                _cache_flush(eng, batch[-1][0])
+                eng.admitted(lambda: self._flush(batch[-1][0]))
         return None
     mp.setattr(Flusher, "_process", process)
 
