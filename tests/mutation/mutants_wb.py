@@ -12,7 +12,6 @@ import errno
 
 from mutant_support import Mutant
 from pydm import trace
-from pydm.devio import IOFailed
 from pydm.targets.writeboost.engine import Engine
 from pydm.targets.writeboost.flusher import Flusher
 from pydm.targets.writeboost.writeback import Writeback
@@ -86,16 +85,13 @@ def _advance_before_backing_flush(mp):
         if getattr(self, "flush_owed", False):  # ...and only now the FLUSH
             self.flush_owed = False
             eng = self.engine
-            if eng.begin_write():
-                try:
-                    eng.backing.flush()
-                    if trace.ENABLED:
-                        trace.emit("wb_backing_flushed", eng=id(eng))
-                except IOFailed as e:
-                    eng.end_write()
-                    eng.fail_io(e)
-                    return False
-                eng.end_write()
+
+            def flush():
+                eng.backing.flush()
+                if trace.ENABLED:
+                    trace.emit("wb_backing_flushed", eng=id(eng))
+            if not eng.admitted(flush):
+                return False
         return more
     mp.setattr(Writeback, "_write", write)
     mp.setattr(Writeback, "_step", step)
