@@ -29,7 +29,8 @@ Rules of this module:
   FLUSHed, it FLUSHes the cache before writing it.  To keep that off the
   write path, a second thread (lock class "wb.preflush") FLUSHes the cache
   ahead of need once a slot due within a quarter of the log (of 16
-  segments or more) will need it; ``durable`` only grows, whichever thread FLUSHed.
+  segments or more) will need it; ``durable`` only grows, whichever
+  thread FLUSHed.
 * A failed segment write or cache FLUSH makes the target FAILED; the
   segment and every later one stay unflushed, and their barriers get EIO.
   Once FAILED, nothing is written: queued segments only have their
@@ -73,7 +74,7 @@ class Flusher:
         self.worker = Worker(f"pydm-wb-flush {name}", self._process, send=self._ack,
                              lock_class="wb.flush")
         self.durable = 0       # segments up to this one were written and FLUSHed
-        # FLUSHes ahead of need, on their own thread: see _ahead
+        # FLUSHes ahead of need, on their own thread: see _flush_ahead
         self.ahead = Worker(f"pydm-wb-preflush {name}", lambda _b: None,
                             step=self._flush_ahead, lock_class="wb.preflush")
         n = engine.index.geo.nr_segments
@@ -128,20 +129,11 @@ class Flusher:
             # writer waiting for those RAM buffers goes on at once), the
             # next write is admitted
             admitted = eng.segment_written(written, i + 1 < len(groups))
-        ok = err is None and written == batch[-1][0]
-        if ok and barriers:
-            if eng.begin_write():
-                try:
-                    self._flush(written)
-                except IOFailed as e:
-                    err = e
-                    ok = False
-                finally:
-                    eng.end_write()
-            else:
-                ok = False
         if err is not None:
             eng.fail_io(err)
+        ok = err is None and written == batch[-1][0]
+        if ok and barriers:
+            ok = eng.admitted(lambda: self._flush(written))
         return [(b, 0 if ok else errno.EIO) for b in barriers] or None
 
     def _durable_soon_needed(self, written) -> bool:

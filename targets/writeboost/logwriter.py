@@ -243,7 +243,7 @@ class LogWriter:
             if not why:
                 index.open_next()
                 if index.free_slots() < index.low_water:
-                    self._urge()             # ahead: a batch, not a wait a slot
+                    self._urge()       # ahead of need: one batch, not a wait per slot
                 return
             if why == "writeback":
                 self._urge()
