@@ -15,7 +15,8 @@ from pydm.errors import DMError
 from pydm.store import FileStore
 from pydm.store_registry import StorePool
 from pydm.targets.writeboost import layout as L
-from wbtest import BLOCK, SB, SECTOR, SEGMENT, FaultyPool, KillablePool, Rig, stat
+from wbtest import (BLOCK, SB, SECTOR, SEGMENT, FaultyPool, KillablePool, Rig, stat,
+                    wait_until)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "contract"))
 from volatile_store import VolatileStore  # noqa: E402
@@ -171,9 +172,7 @@ def test_writeback_is_urged_ahead_once_free_slots_drop_under_the_low_water(tmp_p
     s = r.status()
     assert s["current_id"] <= 61 and s["last_writeback"] == 0  # nothing urged yet
     r.write(30 * chunk, pattern(chunk, 30))            # opens 61 and 62: 2 free
-    deadline = time.monotonic() + 10
-    while r.status()["last_writeback"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: r.status()["last_writeback"] > 0)
     s = r.status()
     assert s["current_id"] <= 64                       # no slot was needed yet...
     assert 0 < s["last_writeback"]                     # ...but writeback ran
@@ -368,9 +367,7 @@ def test_a_replayed_log_is_durable_before_a_slot_it_superseded_is_overwritten(tm
     r.write(0, pattern(8, 2))
     r.write(8, pattern(126 * 8, 7))                    # segment 2 full...
     r.write(127 * 8, pattern(8, 8))                    # ...sealed, written, not flushed
-    deadline = time.monotonic() + 10
-    while r.status()["last_flushed"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: r.status()["last_flushed"] >= 2)
     cache = pool.by_name["cache.img"]
     held = list(cache.cache)
     assert any(off == geo.segment_offset(2) for off, _d in held)
@@ -390,9 +387,7 @@ def test_a_replayed_log_is_durable_before_a_slot_it_superseded_is_overwritten(tm
 
 
 def wait_flushed(r, seg_id):
-    deadline = time.monotonic() + 10
-    while r.status()["last_flushed"] < seg_id and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: r.status()["last_flushed"] >= seg_id)
     assert r.status()["last_flushed"] >= seg_id
 
 
@@ -425,9 +420,7 @@ def test_the_cache_is_flushed_ahead_when_a_slot_due_soon_will_need_it(tmp_path):
     assert cache.flushes == before                     # 17 is 5 away: not yet
     r.write(1524 * 8, pattern(126 * 8, 6))             # 13 full
     r.write(1650 * 8, pattern(8, 7))                   # 13 sealed: 17 is 4 away
-    deadline = time.monotonic() + 10
-    while cache.flushes == before and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: cache.flushes > before)
     assert cache.flushes > before
     assert r.status()["current_id"] == 14
     assert r.read(0, 8) == pattern(8, 3)

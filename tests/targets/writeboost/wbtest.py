@@ -3,6 +3,7 @@ status as named fields, and stores that count or fail their writes."""
 
 import errno
 import os
+import time
 
 from helpers import do_io
 from pydm.bio import FLUSH, READ, REQ_PREFLUSH, WRITE
@@ -30,6 +31,14 @@ def status(control, name="wb"):
     out.update({pairs[i]: int(pairs[i + 1]) for i in range(0, 10, 2)})
     out["state"] = words[35:]
     return out
+
+
+def wait_until(pred, timeout=10.0):
+    """Poll ``pred`` until it holds or ``timeout`` s pass (the caller's
+    assertions then say what was wanted)."""
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def stat(s, write, hit, on_buffer, full):
