@@ -427,6 +427,33 @@ def test_the_cache_is_flushed_ahead_when_a_slot_due_soon_will_need_it(tmp_path):
     r.close()
 
 
+def test_a_failed_flush_ahead_makes_the_target_failed_and_nothing_more_is_written(tmp_path):
+    """The FLUSH ahead of need is a store write like any other: when it fails
+    the target enters FAILED (status names the cache's flush), writes fail
+    at once, nothing more reaches the cache, and reads still answer."""
+    pool = FaultyPool()
+    r = Rig(tmp_path, sectors=65536, segments=16, stores=pool)
+    cache = pool.by_name["cache.img"]
+    r.write(0, pattern(127 * 8, 1))                    # as in the test above,
+    r.write(127 * 8, pattern(8, 2))                    # up to segment 13
+    r.write(0, pattern(8, 3))
+    r.write(128 * 8, pattern((125 + 10 * 127) * 8, 4))
+    r.write(1523 * 8, pattern(8, 5))
+    wait_flushed(r, 12)
+    cache.fail_flush = True
+    r.write(1524 * 8, pattern(126 * 8, 6))
+    r.write(1650 * 8, pattern(8, 7))                   # 13 sealed: the FLUSH ahead
+    wait_until(lambda: r.status()["state"][0] == "failed")
+    s = r.status()
+    assert s["state"][0] == "failed" and "cache" in s["state"] and "flush" in s["state"]
+    writes = cache.writes
+    assert r.write(2000 * 8, pattern(8, 8)) != 0       # EIO at once
+    assert r.flush() != 0
+    assert cache.writes == writes
+    assert r.read(0, 8) == pattern(8, 3)
+    r.close()
+
+
 def test_a_record_above_the_end_of_the_log_is_clamped(tmp_path):
     r = Rig(tmp_path)
     r.write(0, pattern(8, 1))
