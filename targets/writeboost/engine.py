@@ -56,7 +56,7 @@ class Engine:
         self.tunables = tunables
         self.cond = make_condition(name="target")
         self.life = Lifecycle()
-        self.flusher = None              # set by the target: .add(item)
+        self.flusher = None              # set by the target: .add(item), .flush_written(upto)
         self.writeback = None            # set by the target: .kick()
         self.readcache = None
         self.writes_in_flight = 0
@@ -153,15 +153,14 @@ class Engine:
                     self.cond.wait(1.0)
                 return w.status if w.status is not None else errno.EIO
             try:
-                self.wait_flushed(self.index.last_sealed)
+                upto = self.index.last_sealed
+                self.wait_flushed(upto)
             except Failed:
                 return errno.EIO
         if not self.begin_write():
             return errno.EIO
         try:
-            if trace.on.wb_store_io:
-                trace.emit("wb_store_io", eng=id(self), store="cache", op="flush")
-            self.cache.flush()
+            self.flusher.flush_written(upto)      # (it counts what is durable)
         except IOFailed as e:
             self.end_write()
             self.fail_io(e)

@@ -26,10 +26,17 @@ Rules of this module:
   an acknowledged flush covered, the old copy and the newer one both gone.
   Each segment carries the newest segment that must be durable first
   (``CacheIndex.open_next``); when that is past what the flusher last
-  FLUSHed, it FLUSHes the cache before writing it.  To keep that off the
+  FLUSHed, it FLUSHes the cache before writing it.  Only an old segment
+  that may be durable has a copy to keep: one FLUSHed (``durable``), or
+  found by replay (an acknowledged flush may have covered it).  An old
+  segment never FLUSHed held no acknowledged write, nor any copy a
+  FLUSH was needed for: the slot of the copy before it was reused first,
+  and would have FLUSHed it.  So a log that never sees a client flush
+  never FLUSHes for this; ``durable`` is read when each write starts, never
+  for a whole round (a FLUSH for one group may make the next need one).  To keep that off the
   write path, a second thread (lock class "wb.preflush") FLUSHes the cache
   ahead of need once a slot due within a quarter of the log (of 16
-  segments or more) will need it; ``durable`` only grows, whichever
+  segments or more) will need it by that rule; ``durable`` only grows, whichever
   thread FLUSHed.
 * A failed segment write or cache FLUSH makes the target FAILED; the
   segment and every later one stay unflushed, and their barriers get EIO.
@@ -77,8 +84,11 @@ class Flusher:
         # FLUSHes ahead of need, on their own thread: see _flush_ahead
         self.ahead = Worker(f"pydm-wb-preflush {name}", lambda _b: None,
                             step=self._flush_ahead, lock_class="wb.preflush")
-        n = engine.index.geo.nr_segments
+        n = self.nr_segments = engine.index.geo.nr_segments
         self.ahead_lag = n // 4 if n >= 16 else 0          # (never, in a tiny log)
+        # segments up to this one were on the cache at start: any may have
+        # been covered by an acknowledged flush
+        self.replayed = engine.index.last_flushed
 
     def start(self):
         self.worker.start()
@@ -106,7 +116,7 @@ class Flusher:
             if not admitted:
                 break
             try:
-                if max(item[3] for item in group) > self.durable:
+                if max(self._first_durable(s, d) for s, _n, _bs, d in group) > self.durable:
                     self._flush(index.last_flushed)
                 if trace.on.wb_store_io:
                     for seg_id, _n, _bs, _d in group:
@@ -136,16 +146,28 @@ class Flusher:
             ok = eng.admitted(lambda: self._flush(written))
         return [(b, 0 if ok else errno.EIO) for b in barriers] or None
 
+    def _kept_upto(self) -> int:
+        """Old segments up to this one may hold a copy that must be kept
+        until its newer copies are durable (see the module's rules)."""
+        return max(self.durable, self.replayed)
+
+    def _first_durable(self, seg_id, before) -> int:
+        """The segment that must be durable before ``seg_id`` is written
+        (``before``, its slot's newest superseding segment), or 0 when the
+        slot's old segment was never durable."""
+        return before if seg_id - self.nr_segments <= self._kept_upto() else 0
+
     def _durable_soon_needed(self, written) -> bool:
         """Whether a segment due within ``ahead_lag`` of ``written`` will
         reuse a slot whose dropped dirty blocks' newer copies are not yet
         durable (read without the target's lock: a stale value only moves
         a FLUSH ahead of need, or leaves it to the write that needs it)."""
-        k = self.ahead_lag
-        if not k:
-            return False
         sup = self.engine.index.superseded_np
         n = len(sup)
+        # segments written + j, j <= k, whose old segment may be durable
+        k = min(self.ahead_lag, self._kept_upto() + n - written)
+        if k <= 0:
+            return False
         first = written % n                 # the slot of segment written + 1
         end = first + k
         if end <= n:
@@ -166,9 +188,13 @@ class Flusher:
             eng.admitted(lambda: self._flush(upto))
         return False
 
-    def _flush(self, upto):
+    def flush_written(self, upto):
         """FLUSH the cache (admitted by the caller): segments up to ``upto``,
         all written, become durable."""
+        self._flush(upto)
+
+    def _flush(self, upto):
+        """See ``flush_written``."""
         eng = self.engine
         if trace.on.wb_store_io:
             trace.emit("wb_store_io", eng=id(eng), store="cache", op="flush")

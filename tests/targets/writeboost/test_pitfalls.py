@@ -391,11 +391,28 @@ def wait_flushed(r, seg_id):
     assert r.status()["last_flushed"] >= seg_id
 
 
+def fill_to_segment_13(r, cache, flush_first):
+    """Segment 1 (blocks 0-126, flushed by a client if ``flush_first``); 2
+    drops 1's block 0; 3-12 full, 12 sealed and written.  The cache's
+    FLUSH count once segment 1 is in."""
+    r.write(0, pattern(127 * 8, 1))                    # segment 1: blocks 0-126
+    if flush_first:
+        assert r.flush() == 0                          # seals 1: durable
+    flushes = cache.flushes
+    r.write(127 * 8, pattern(8, 2))                    # seals it; 2 takes block 127
+    r.write(0, pattern(8, 3))                          # and drops 1's block 0
+    r.write(128 * 8, pattern((125 + 10 * 127) * 8, 4))  # 2 full, then 3-12
+    r.write(1523 * 8, pattern(8, 5))                   # 12 sealed, 13 open
+    wait_flushed(r, 12)
+    return flushes
+
+
 def test_the_cache_is_flushed_ahead_when_a_slot_due_soon_will_need_it(tmp_path):
-    """No client flush at all.  Segment 2 drops a dirty block of segment 1, so
-    segment 17, which reuses its slot, needs 2 durable first: the cache is
-    FLUSHed off the flusher's thread once segment 17 is due within a quarter
-    of the log (4 segments), not before, and not when no slot needs it."""
+    """Segment 1 is flushed by a client.  Segment 2 drops a dirty block of
+    it, so segment 17, which reuses its slot, needs 2 durable first: the
+    cache is FLUSHed off the flusher's thread once segment 17 is due within
+    a quarter of the log (4 segments), not before, and not when no slot
+    needs it."""
     pool = FaultyPool()
     r = Rig(tmp_path, sectors=65536, segments=16, stores=pool)
     cache = pool.by_name["cache.img"]
@@ -410,13 +427,7 @@ def test_the_cache_is_flushed_ahead_when_a_slot_due_soon_will_need_it(tmp_path):
     pool = FaultyPool()
     r = Rig(tmp_path / "b", sectors=65536, segments=16, stores=pool)
     cache = pool.by_name["cache.img"]
-    before = cache.flushes
-    r.write(0, pattern(127 * 8, 1))                    # segment 1: blocks 0-126
-    r.write(127 * 8, pattern(8, 2))                    # seals it; 2 takes block 127
-    r.write(0, pattern(8, 3))                          # and drops 1's block 0
-    r.write(128 * 8, pattern((125 + 10 * 127) * 8, 4))  # 2 full, then 3-12
-    r.write(1523 * 8, pattern(8, 5))                   # 12 sealed, 13 open
-    wait_flushed(r, 12)
+    before = fill_to_segment_13(r, cache, flush_first=True)
     assert cache.flushes == before                     # 17 is 5 away: not yet
     r.write(1524 * 8, pattern(126 * 8, 6))             # 13 full
     r.write(1650 * 8, pattern(8, 7))                   # 13 sealed: 17 is 4 away
@@ -427,6 +438,51 @@ def test_the_cache_is_flushed_ahead_when_a_slot_due_soon_will_need_it(tmp_path):
     r.close()
 
 
+def test_a_slot_whose_old_segment_was_never_flushed_is_reused_without_a_flush(tmp_path):
+    """The same log with no client flush: segment 1 was never durable, so no
+    acknowledged write lives in it and its slot is reused with no FLUSH
+    (a workload that never flushes never waits for one)."""
+    pool = FaultyPool()
+    r = Rig(tmp_path, sectors=65536, segments=16, stores=pool)
+    cache = pool.by_name["cache.img"]
+    before = fill_to_segment_13(r, cache, flush_first=False)
+    r.write(1524 * 8, pattern(126 * 8, 6))             # 13 full
+    r.write(1650 * 8, pattern(508 * 8, 7))             # 14-17: 17 reuses 1's slot
+    r.write(2158 * 8, pattern(8, 8))                   # 17 sealed
+    wait_flushed(r, 17)
+    assert cache.flushes == before
+    assert r.read(0, 8) == pattern(8, 3)
+    r.close()
+
+
+def test_a_copy_flushed_for_an_older_slot_is_kept_in_its_turn(tmp_path):
+    """Block 0 is flushed in segment 1, rewritten unflushed in segment 3, and
+    again in 6.  Segment 5 reuses 1's slot, so 3 is FLUSHed first; no client
+    flush ever covered 3, but it now holds the only copy at least as new as
+    the acknowledged one.  So segment 7, reusing 3's slot, must wait for 6
+    to be durable too: a power cut that kept 7's write and lost 6's would
+    leave no such copy of block 0 (1 and 3 overwritten, 6 lost)."""
+    pool = CutPool()
+    r = Rig(tmp_path, segments=4, stores=pool)         # 1024 blocks, 4 slots
+    geo = L.Geometry(os.path.getsize(r.cache))
+    r.write(0, pattern(8, 1))
+    assert r.flush() == 0                              # segment 1: block 0, durable
+    r.write(8, pattern(127 * 8, 2))                    # 2: blocks 1-127
+    r.write(0, pattern(8, 3))                          # 3: block 0 again...
+    r.write(128 * 8, pattern(126 * 8, 4))              # ...and 128-253
+    r.write(254 * 8, pattern(254 * 8, 5))              # 4 and 5 (1's slot)
+    cache = pool.by_name["cache.img"]
+    cache.cut_at, cache.lost = geo.segment_offset(7), geo.segment_offset(6)
+    r.write(0, pattern(8, 6))                          # 6: block 0 again...
+    wait_flushed(r, 5)
+    r.write(508 * 8, pattern(126 * 8, 7))              # ...and 508-633
+    r.write(634 * 8, pattern(8, 8), flags=REQ_FUA)     # 7 takes 3's slot
+    assert cache.dead                                  # the cut came
+    r.recreate()
+    assert r.read(0, 8) in (pattern(8, 1), pattern(8, 3), pattern(8, 6))
+    r.close()
+
+
 def test_a_failed_flush_ahead_makes_the_target_failed_and_nothing_more_is_written(tmp_path):
     """The FLUSH ahead of need is a store write like any other: when it fails
     the target enters FAILED (status names the cache's flush), writes fail
@@ -434,12 +490,7 @@ def test_a_failed_flush_ahead_makes_the_target_failed_and_nothing_more_is_writte
     pool = FaultyPool()
     r = Rig(tmp_path, sectors=65536, segments=16, stores=pool)
     cache = pool.by_name["cache.img"]
-    r.write(0, pattern(127 * 8, 1))                    # as in the test above,
-    r.write(127 * 8, pattern(8, 2))                    # up to segment 13
-    r.write(0, pattern(8, 3))
-    r.write(128 * 8, pattern((125 + 10 * 127) * 8, 4))
-    r.write(1523 * 8, pattern(8, 5))
-    wait_flushed(r, 12)
+    fill_to_segment_13(r, cache, flush_first=True)     # as in the test above
     cache.fail_flush = True
     r.write(1524 * 8, pattern(126 * 8, 6))
     r.write(1650 * 8, pattern(8, 7))                   # 13 sealed: the FLUSH ahead
