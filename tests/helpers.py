@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 
+from pydm import trace
 from pydm.bio import Bio, READ, WRITE
 from pydm.control import Control
 
@@ -72,6 +73,23 @@ def era_control(tmp_path, nr_blocks, block_sectors):
 
 
 # ------------------------------------------------ a pydm daemon in a subprocess
+@contextlib.contextmanager
+def trace_seen(event, match=lambda fields: True):
+    """An Event that is set once trace event ``event`` is emitted with
+    fields that ``match``: a test that must act while something is under
+    way waits for it to be seen, not for a while."""
+    seen = threading.Event()
+
+    def sink(fields):
+        if match(fields):
+            seen.set()
+    trace.attach(sink, (event,))
+    try:
+        yield seen
+    finally:
+        trace.detach(sink)
+
+
 def pydm_env(sock):
     env = dict(os.environ)
     env["PYDM_SOCKET"] = str(sock)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from era_patches import count_mark_commits, fail_next_commit, without_quiesce
-from helpers import era_control, Waiter, do_io, make_image
+from helpers import era_control, Waiter, do_io, make_image, trace_seen
 from pydm.bio import Bio, FLUSH, READ, REQ_PREFLUSH, WRITE
 from pydm.errors import DMError
 
@@ -271,9 +271,10 @@ def _race_at_checkpoint(env, quiesce):
     assert write_block(dev, 42, b"1") == 0         # marks block 42 in era 1
     w = Waiter()
     done_at = []
-    dev.submit(Bio(WRITE, 42 * BS, BS, memoryview(bytearray(b"2" * BS * 512)), 0,
-                   lambda b: (done_at.append(time.monotonic()), w(b))))
-    time.sleep(0.05)                                # the write is in flight now
+    with trace_seen("bio_submit", lambda f: f["dev"] == "slow" and f["op"] == WRITE) as issued:
+        dev.submit(Bio(WRITE, 42 * BS, BS, memoryview(bytearray(b"2" * BS * 512)), 0,
+                       lambda b: (done_at.append(time.monotonic()), w(b))))
+        assert issued.wait(10)                      # past era: in flight to the origin
     c.message("e", 0, "checkpoint")
     c.message("e", 0, "take_metadata_snap")
     snap_at = time.monotonic()
@@ -290,9 +291,10 @@ def _random_writers_with_checkpoints(c, dev, rounds, seed):
     """Writers hammer random blocks while checkpoints run; returns the writes
     (completion time, block) and the checkpoints (return time, new era)."""
     stop = threading.Event()
-    lock = threading.Lock()
+    lock = threading.Condition()
     writes = []
     errors = []
+    submitted = [0]
 
     def writer(n):
         rnd = random.Random(seed * 100 + n)
@@ -304,6 +306,9 @@ def _random_writers_with_checkpoints(c, dev, rounds, seed):
                     errors.append(b.status)
                 with lock:
                     writes.append((time.monotonic(), blk))
+                    lock.notify_all()
+            with lock:
+                submitted[0] += 1
             dev.submit(Bio(WRITE, blk * BS, BS, memoryview(bytearray(BS * 512)), 0, done))
             time.sleep(rnd.uniform(0, 0.0005))
 
@@ -319,7 +324,9 @@ def _random_writers_with_checkpoints(c, dev, rounds, seed):
         stop.set()
         for t in threads:
             t.join()
-    time.sleep(0.1)
+    with lock:                                      # every write submitted has ended
+        assert lock.wait_for(lambda: len(writes) == submitted[0], 30), \
+            (len(writes), submitted[0])
     assert not errors
     return writes, checkpoints
 
