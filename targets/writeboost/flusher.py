@@ -29,15 +29,15 @@ Rules of this module:
   FLUSHed, it FLUSHes the cache before writing it.  Only an old segment
   that may be durable has a copy to keep: one FLUSHed (``durable``), or
   found by replay (an acknowledged flush may have covered it).  An old
-  segment never FLUSHed held no acknowledged write, nor any copy a
-  FLUSH was needed for: the slot of the copy before it was reused first,
-  and would have FLUSHed it.  So a log that never sees a client flush
-  never FLUSHes for this; ``durable`` is read when each write starts, never
-  for a whole round (a FLUSH for one group may make the next need one).  To keep that off the
-  write path, a second thread (lock class "wb.preflush") FLUSHes the cache
-  ahead of need once a slot due within a quarter of the log (of 16
-  segments or more) will need it by that rule; ``durable`` only grows, whichever
-  thread FLUSHed.
+  segment never FLUSHed held no acknowledged write, nor any copy a FLUSH
+  was needed for: the slot of the copy before it was reused first, and
+  would have FLUSHed it.  So a log that never sees a client flush never
+  FLUSHes for this; ``durable`` is read when each write starts, never for
+  a whole round (a FLUSH for one group may make the next need one).  To
+  keep that off the write path, a second thread (lock class
+  "wb.preflush") FLUSHes the cache ahead of need once a slot due within a
+  quarter of the log (of 16 segments or more) will need it by that rule;
+  ``durable`` only grows, whichever thread FLUSHed.
 * A failed segment write or cache FLUSH makes the target FAILED; the
   segment and every later one stay unflushed, and their barriers get EIO.
   Once FAILED, nothing is written: queued segments only have their
