@@ -126,6 +126,10 @@ class Daemon:
         open(tmp_path / "daemon.log", "w").close()
         self.log = open(tmp_path / "daemon.log", "a+")
         extra = list(extra)
+        if config is None and "--state-dir" not in extra:
+            # the demo stack's images: never the user's own (two daemons on
+            # one set of files damage each other's metadata)
+            extra += ["--state-dir", str(tmp_path / "demo")]
         if not any(a in extra for a in ("--unix", "--port", "--listen")):
             extra.append("--no-nbd")      # never fight over the default port 10809
         if "--rv" not in extra:           # every monitor watches every daemon too
