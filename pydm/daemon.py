@@ -43,13 +43,35 @@ class Daemon:
                      self.control.get(spec.name).size_sectors)
 
     def claim(self) -> None:
-        """Take the control socket before anything else: a second daemon on
-        the same socket stops here, before it opens a single device file.
-        SIGINT/SIGTERM from here on ask for a clean stop (they are seen once
-        the daemon runs), so a signal during start-up is never lost."""
+        """Take the control socket and every service's listening sockets
+        before anything else: a second daemon on the same control socket,
+        NBD port or NBD socket stops here, before it opens a single device
+        file (era's and writeboost's start-up write to theirs, under the
+        first daemon's feet).  SIGINT/SIGTERM from here on ask for a clean
+        stop (they are seen once the daemon runs), so a signal during
+        start-up is never lost."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.request_stop)
         self.ctl.bind()
+        try:
+            for s in self.services:
+                bind = getattr(s, "bind", None)
+                if bind is not None:
+                    bind()
+        except BaseException:
+            self.abandon()
+            raise
+
+    def abandon(self) -> None:
+        """Start-up failed: give back what ``claim`` and ``create_devices``
+        took (sockets, devices)."""
+        for s in reversed(self.services):
+            try:
+                s.stop()
+            except Exception:
+                log.exception("stopping %r failed", s)
+        self.ctl.stop()
+        self.control.shutdown()
 
     def start(self) -> None:
         self.ctl.start()

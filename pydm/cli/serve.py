@@ -123,8 +123,7 @@ def run(args):
         daemon.create_devices(specs)
         daemon.start()
     except BaseException:
-        daemon.ctl.stop()
-        daemon.control.shutdown()
+        daemon.abandon()
         raise
     names = ", ".join(daemon.control.names()) or "none"
     where = f"; NBD on {nbd.uri()}" if nbd is not None else ""

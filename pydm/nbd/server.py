@@ -100,13 +100,21 @@ class NBDServer:
         return self._closing.is_set()
 
     # -------------------------------------------------------- lifecycle
-    def start(self):
+    def bind(self):
+        """Take every listening socket (once): a daemon does this before
+        it opens a device, so a second daemon on the same port or socket
+        stops without touching the first one's files."""
+        if self._listeners:
+            return
         try:
             for entry in self.listen:
                 self._listeners.append(self._bind(entry))
         except BaseException:
             self._close_listeners()
             raise
+
+    def start(self):
+        self.bind()
         for sock, label, _ident in self._listeners:
             t = threading.Thread(target=accept_loop, daemon=True,
                                  name=f"pydm-nbd-accept {label}",

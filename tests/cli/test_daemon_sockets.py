@@ -136,6 +136,32 @@ def test_a_second_daemon_never_takes_over_or_removes_the_first_ones_sockets(
     assert not os.path.exists(first.sock) and not os.path.exists(nbd)
 
 
+@pytest.mark.parametrize("listen", ["port", "unix"])
+def test_a_second_daemon_on_a_taken_nbd_address_never_touches_the_devices_files(
+        tmp_path, start_daemon, listen):
+    """The demo stack (era over writeboost) twice over one state directory,
+    the second daemon with a control socket of its own but the first one's
+    NBD port or socket: it stops before it opens a device, so the era
+    metadata and the cache the first daemon is using are left as they were
+    (era's and writeboost's start-up would write to them)."""
+    state = tmp_path / "demo"
+    if listen == "unix":
+        where = ["--unix", str(tmp_path / "nbd.sock")]
+    else:
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        where = ["--port", str(port)]
+    start_daemon(None, where + ["--state-dir", str(state)])
+    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    r = serve(tmp_path, "--socket", tmp_path / "other.sock", "--state-dir", state, *where)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert ("already listening" if listen == "unix" else "cannot listen") in r.stderr
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == before
+    assert not (tmp_path / "other.sock").exists()
+
+
 def test_a_stale_socket_is_replaced(tmp_path, config, start_daemon):
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(tmp_path / "ctl.sock"))
