@@ -19,8 +19,17 @@ from pydm.errors import PydmError
 
 
 def _open(path, readonly=True):
+    """A file store; one opened for writing is held (refused while a
+    daemon or another tool writes the file)."""
     from pydm.store import FileStore
-    return FileStore(path, readonly=readonly)
+    store = FileStore(path, readonly=readonly)
+    if not readonly:
+        try:
+            store.hold_for_writing()
+        except PydmError:
+            store.close()
+            raise
+    return store
 
 
 def _log(path):
@@ -77,7 +86,10 @@ def cmd_replay(args):
         if args.fsck is not None:
             opts.fsck = lambda _e: subprocess.run(args.fsck, shell=True).returncode
         say = (lambda line: print(line, file=sys.stderr)) if args.verbose else None
-        n = replay(log, target, opts, say)
+        try:
+            n = replay(log, target, opts, say)
+        finally:
+            target.close()
         if args.verbose:
             print(f"replayed {n} entries", file=sys.stderr)
     except ReplayError as e:
