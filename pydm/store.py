@@ -19,6 +19,7 @@ stores among tables, are ``pydm.store_registry``'s.
 """
 
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -131,6 +132,10 @@ class Store:
 
     def close(self) -> None:
         pass
+
+    def hold_for_writing(self) -> None:
+        """Keep other processes from writing this store through pydm while
+        it is open here (a file's lock); nothing to do for most stores."""
 
     def capabilities(self) -> Caps:
         """What this store can do (see ``pydm.caps``): here, a store with no
@@ -389,6 +394,22 @@ class FileStore(Store):
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
+
+    def hold_for_writing(self) -> None:
+        """The file's exclusive advisory lock (flock), held until it is
+        closed (or the process dies, even by kill -9): a second daemon or
+        offline tool that would write it through pydm is refused, instead
+        of both writing metadata each believes its own.  Readers take no
+        lock: a backup may read a live device's files."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PydmError(f"{self.path} is in use: another process writes it through "
+                            f"pydm (a daemon or a tool), and two writers would damage it",
+                            errno.EBUSY) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise       # (a filesystem without flock: go on unlocked)
 
 
 class MemStore(Store):

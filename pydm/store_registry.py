@@ -164,7 +164,9 @@ class StorePool:
 
     A store is known by its identity (``spec.key``), so two names of one file
     share one store, and a path that now names a different file (the old one
-    was replaced) opens the new one.  Taking a shared store reads its size
+    was replaced) opens the new one.  A store opened read-write is held for
+    writing (``Store.hold_for_writing``: a file's lock) while the pool has
+    it, so one process at a time writes a file through pydm.  Taking a shared store reads its size
     again: it may have grown since it was opened.  A store opened read-only
     and later wanted read-write is opened again (the read-only one stays
     valid for its current users).
@@ -205,6 +207,12 @@ class StorePool:
             if entry is not None:      # lost a race to open the same store
                 entry[1] += 1
             else:
+                try:
+                    if not readonly:
+                        store.hold_for_writing()
+                except BaseException:
+                    store.close()
+                    raise
                 self._open[key] = [store, 1]
                 self._keys[id(store)] = key
         if entry is not None:

@@ -16,8 +16,17 @@ from pydm.errors import PydmError
 
 
 def _open_store(path, readonly=True):
+    """A file store; one opened for writing is held (refused while a
+    daemon or another tool writes the file)."""
     from pydm.store import FileStore
-    return FileStore(path, readonly=readonly)
+    store = FileStore(path, readonly=readonly)
+    if not readonly:
+        try:
+            store.hold_for_writing()
+        except PydmError:
+            store.close()
+            raise
+    return store
 
 
 def _open_md(path):

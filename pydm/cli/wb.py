@@ -332,6 +332,7 @@ def cmd_drain(args):
     order = np.argsort(sectors, kind="stable")
     dirty, sectors = dirty[order].tolist(), sectors[order].tolist()
     backing = FileStore(args.backing, readonly=False)
+    backing.hold_for_writing()          # (not while a daemon or tool writes it)
     top = max([s + L.BLOCK_SECTORS for s in sectors] + [s + 1 for s, _d in merges] + [0])
     if top * L.SECTOR > backing.size:
         fail(f"{args.backing}: {backing.size} bytes is smaller than the cache's highest "
@@ -340,6 +341,7 @@ def cmd_drain(args):
         print(f"{args.cache}: nothing to drain: no dirty blocks")
         return 0
     cache = FileStore(args.cache, readonly=False)     # only for the record, at the end
+    cache.hold_for_writing()
     bar = Progress("draining", len(dirty) + len(merges))
     for n, (sector, data) in enumerate(merges):
         _write(backing, args.backing, sector * L.SECTOR, data)

@@ -162,6 +162,35 @@ def test_a_second_daemon_on_a_taken_nbd_address_never_touches_the_devices_files(
     assert not (tmp_path / "other.sock").exists()
 
 
+def test_a_second_daemon_on_the_same_files_is_refused_and_changes_nothing(
+        tmp_path, start_daemon):
+    """Sockets and addresses of its own, but the first daemon's demo
+    images: each file a device writes is held while it is open, so the
+    second daemon stops with one line before it writes any of them, and
+    the first goes on serving."""
+    state = tmp_path / "demo"
+    nbd = tmp_path / "nbd.sock"
+    first = start_daemon(None, ["--unix", str(nbd), "--state-dir", str(state)])
+    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    r = serve(tmp_path, "--socket", tmp_path / "other.sock", "--unix", tmp_path / "nbd2.sock",
+              "--state-dir", state)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "is in use: another process writes it" in r.stderr and "Traceback" not in r.stderr
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == before
+    assert not (tmp_path / "other.sock").exists() and not (tmp_path / "nbd2.sock").exists()
+    with Client(str(nbd), "demo") as c:
+        c.pread(0, 4096)
+    assert first.stop() == 0
+    # once the first is gone (even killed), the files are free again
+    second = Daemon(tmp_path, None, ["--unix", str(nbd), "--state-dir", str(state)])
+    second.proc.kill()
+    second.proc.wait(10)
+    third = start_daemon(None, ["--unix", str(tmp_path / "nbd3.sock"), "--state-dir", str(state)])
+    with Client(str(tmp_path / "nbd3.sock"), "demo") as c:
+        c.pread(0, 4096)
+    assert third.stop() == 0
+
+
 def test_a_stale_socket_is_replaced(tmp_path, config, start_daemon):
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(tmp_path / "ctl.sock"))

@@ -227,6 +227,21 @@ def daemon_image(tmp, start_daemon):
     return original, back, cache
 
 
+def test_drain_is_refused_while_a_daemon_uses_the_cache(tmp_path, start_daemon):
+    """pydm wb drain writes the backing and the cache's record: while a
+    daemon has them open for writing it is refused (one line), the backing
+    untouched; once the daemon is gone it drains."""
+    back, cache = images(tmp_path)
+    original = back.read_bytes()
+    d, nbd = serve(start_daemon, tmp_path, back, cache)
+    nbd_writes(nbd)
+    one_line_error(pydm("wb", "drain", cache, back), "is in use")
+    assert back.read_bytes() == original
+    assert d.stop() == 0
+    r = pydm("wb", "drain", cache, back)
+    assert r.returncode == 0, r.stderr
+
+
 def segments(cache):
     """{id: segment} from ``pydm wb dump --json``."""
     r = pydm("wb", "dump", cache, "--json")
