@@ -65,6 +65,9 @@ class Daemon:
     def abandon(self) -> None:
         """Start-up failed: give back what ``claim`` and ``create_devices``
         took (sockets, devices)."""
+        self._release()
+
+    def _release(self) -> None:
         for s in reversed(self.services):
             try:
                 s.stop()
@@ -88,13 +91,7 @@ class Daemon:
         log.info("control socket %s", self.socket_path)
 
     def stop(self) -> None:
-        for s in reversed(self.services):
-            try:
-                s.stop()
-            except Exception:
-                log.exception("stopping %r failed", s)
-        self.ctl.stop()
-        self.control.shutdown()
+        self._release()
         for v in self.rv.end_check():
             log.error("rv: at shutdown: %s", v)
         self.rv.close()

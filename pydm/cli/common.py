@@ -26,6 +26,20 @@ class CommandFailed(PydmError):
     pass
 
 
+def open_file(path, readonly=True):
+    """A FileStore for an offline tool; one opened for writing is held
+    (refused while a daemon or another tool writes the file)."""
+    from pydm.store import FileStore
+    store = FileStore(path, readonly=readonly)
+    if not readonly:
+        try:
+            store.hold_for_writing()
+        except PydmError:
+            store.close()
+            raise
+    return store
+
+
 def fail(message: str):
     raise CommandFailed(message)
 

@@ -16,17 +16,8 @@ from pydm.errors import PydmError
 
 
 def _open_store(path, readonly=True):
-    """A file store; one opened for writing is held (refused while a
-    daemon or another tool writes the file)."""
-    from pydm.store import FileStore
-    store = FileStore(path, readonly=readonly)
-    if not readonly:
-        try:
-            store.hold_for_writing()
-        except PydmError:
-            store.close()
-            raise
-    return store
+    from pydm.cli.common import open_file
+    return open_file(path, readonly)
 
 
 def _open_md(path):

@@ -320,7 +320,7 @@ def _sync(store, path):
 
 def cmd_drain(args):
     import numpy as np
-    from pydm.store import FileStore
+    from pydm.cli.common import open_file
     L = _layout()
     ex = Examination(args.cache)
     if ex.damage and not args.force:
@@ -331,8 +331,7 @@ def cmd_drain(args):
     sectors = np.asarray(ix.sector)[dirty]
     order = np.argsort(sectors, kind="stable")
     dirty, sectors = dirty[order].tolist(), sectors[order].tolist()
-    backing = FileStore(args.backing, readonly=False)
-    backing.hold_for_writing()          # (not while a daemon or tool writes it)
+    backing = open_file(args.backing, readonly=False)   # (held: see open_file)
     top = max([s + L.BLOCK_SECTORS for s in sectors] + [s + 1 for s, _d in merges] + [0])
     if top * L.SECTOR > backing.size:
         fail(f"{args.backing}: {backing.size} bytes is smaller than the cache's highest "
@@ -340,8 +339,7 @@ def cmd_drain(args):
     if not dirty and not merges:
         print(f"{args.cache}: nothing to drain: no dirty blocks")
         return 0
-    cache = FileStore(args.cache, readonly=False)     # only for the record, at the end
-    cache.hold_for_writing()
+    cache = open_file(args.cache, readonly=False)     # only for the record, at the end
     bar = Progress("draining", len(dirty) + len(merges))
     for n, (sector, data) in enumerate(merges):
         _write(backing, args.backing, sector * L.SECTOR, data)
