@@ -17,6 +17,8 @@ Event names used by the core (fields in parentheses):
 * device: ``dev_create``, ``dev_load``, ``dev_clear``, ``dev_suspend_begin``,
   ``dev_presuspend``, ``dev_drained``, ``dev_suspended``, ``dev_resume_begin``,
   ``dev_resumed``, ``dev_remove``, ``op_refused`` (op, errno);
+* workers: ``worker_gather`` (worker, want): a group commit's wait for
+  the items the last commit released begins;
 * targets add their own (``era_*``, ``wb_*``: see the monitors in ``pydm/verify/specs``).
 """
 
@@ -72,6 +74,7 @@ EVENTS = (
     "wb_start",
     "wb_stop",
     "wb_store_io",
+    "worker_gather",
 )
 
 

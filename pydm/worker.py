@@ -48,6 +48,7 @@ import queue
 import threading
 import time
 
+from pydm import trace
 from pydm.lockdep import make_condition, make_event
 
 log = logging.getLogger("pydm.worker")
@@ -215,6 +216,8 @@ class Worker:
         come back as their clients' next requests), never longer than it
         took; a call or a stop ends the wait.  Called with ``cond`` held."""
         want, self._expect = self._expect, 0
+        if trace.on.worker_gather:
+            trace.emit("worker_gather", worker=self.name, want=want)
         deadline = time.monotonic() + self._commit_time
         self._wake_at = want             # add() wakes us only when all are here
         try:

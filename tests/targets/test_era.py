@@ -231,9 +231,10 @@ def test_group_commit_wait_is_bounded_and_yields_to_messages(env, interrupt):
     # as if a commit that took this long had just released 100 writes
     worker.call(worker.note_commit, 60.0 if interrupt else 0.2, 100)
     w = Waiter()
-    dev.submit(Bio(WRITE, 9 * BS, BS, memoryview(bytearray(BS * 512)), 0, w))
+    with trace_seen("worker_gather", lambda f: f["worker"] == worker.name) as gathering:
+        dev.submit(Bio(WRITE, 9 * BS, BS, memoryview(bytearray(BS * 512)), 0, w))
+        assert gathering.wait(10)
     if interrupt:
-        time.sleep(0.05)                 # the worker is gathering now
         answer = []
         asker = threading.Thread(target=lambda: answer.append(status(c, "e")))
         asker.start()
