@@ -166,8 +166,9 @@ class StorePool:
     share one store, and a path that now names a different file (the old one
     was replaced) opens the new one.  A store opened read-write is held for
     writing (``Store.hold_for_writing``: a file's lock) while the pool has
-    it, so one process at a time writes a file through pydm.  Taking a shared store reads its size
-    again: it may have grown since it was opened.  A store opened read-only
+    it, so one process at a time writes a file through pydm.  Taking a
+    shared store reads its size again: it may have grown since it was
+    opened.  A store opened read-only
     and later wanted read-write is opened again (the read-only one stays
     valid for its current users).
 
